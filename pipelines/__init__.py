@@ -1,0 +1,1 @@
+"""scdgm pipelines: data in, QC, training, tuning, tracking and the `scdgm` command line."""
