@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +82,8 @@ class GenerativeModel(ABC):
 
     kind: ClassVar[str]
     Config: ClassVar[type]
+    output: ClassVar[Literal["counts", "binary"]] = "counts"
+    """What `sample` and `reconstruct` produce: counts, or 0/1 expression (the DBM)."""
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         base = config if config is not None else self.Config()
@@ -125,8 +129,18 @@ class GenerativeModel(ABC):
         """Synthetic cells from the posterior of `adata`'s cells (`draws` each) or `n` from the prior."""
 
     @abstractmethod
+    def reconstruct(self, adata: ad.AnnData) -> np.ndarray:
+        """Expected expression of each cell given its own latent (counts scale, or probabilities if binary)."""
+
+    def heldout_nll(self, adata: ad.AnnData) -> dict[str, float]:
+        """Mean negative log-likelihood per cell (or its bound), by name; empty where the model has none."""
+        return {}
+
     def evaluate(self, adata: ad.AnnData, split: str | None = "test") -> dict[str, float]:
         """Held-out metrics on the cells of `split` (all cells when None or when there is no split column)."""
+        from models.evaluation import evaluate_model
+
+        return evaluate_model(self, adata, split)
 
     @property
     @abstractmethod
@@ -191,6 +205,61 @@ class GenerativeModel(ABC):
         model.load_extra_state(document.get("extra_state", {}))
         model.load_state_tensors(load_file(str(directory / "weights.safetensors")))
         return model
+
+
+def coerce_field_types(config: Any) -> None:
+    """Check every field of a config dataclass against its annotation, in place; ints and numeric text become
+    floats where a float is expected (YAML reads `1e-3` as text). A wrong type is a user error naming the field.
+
+    Call it from a config's `__post_init__` (TrainConfig does), so bad `--set` values fail before any work.
+    """
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        hint = hints.get(item.name, Any)
+        converted = _coerce(value, hint)
+        if converted is _INVALID:
+            raise ScdgmError(f"{item.name}: expected {_describe(hint)}, got {value!r}")
+        object.__setattr__(config, item.name, converted)
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            converted = _coerce(value, arg)
+            if converted is not _INVALID:
+                return converted
+        return _INVALID
+    if origin is Literal:
+        return value if value in args else _INVALID
+    if hint is type(None):
+        return value if value is None else _INVALID
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value) if isinstance(value, str) else _INVALID
+        except ValueError:
+            return _INVALID
+    if hint is str:
+        return value if isinstance(value, str) else _INVALID
+    if origin in (list, tuple):
+        return value if isinstance(value, (list, tuple)) else _INVALID
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
 
 
 def _json_default(value: Any) -> Any:
