@@ -65,3 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"internal error: {exc.__class__.__name__}: {exc} (set SCDGM_DEBUG=1 for details)", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
