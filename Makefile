@@ -17,7 +17,7 @@ export DO_NOT_TRACK := 1
 $(BIN)/scdgm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "uv>=0.4"
-	$(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) -e ".[test]"
+	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python $(UV_FLAGS) -e ".[test]"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(BIN)/scdgm
 

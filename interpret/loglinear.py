@@ -1,0 +1,472 @@
+"""Step-wise log-linear selection of the genes whose states go with the latents (Hess et al. 2020), in closed form.
+
+Given the genes S chosen so far, candidate gene i and latent j span the table (h_j, x_S, x_i). Its G² against a
+null log-linear model scores the candidate:
+- "conditional" [h_j S][S x_i]: m = n(h,S)·n(S,x)/n(S), G² = 2N·I(x_i; h_j | x_S);
+- "joint" [h_j S][x_i]: m = n(h,S)·n(x)/N, G² = 2N·I(x_i; h_j, x_S).
+Both models are decomposable, so their fit is closed form and every table of a step follows from one product of
+a one-hot "stratum of x_S × latent" matrix with X: n(stratum, h_j = 1, x_i = 1) for all candidates and latents.
+
+empty_cell = e > 0 is the original code's continuity correction: every empty cell of the full 2 × 2^|S| × 2
+observed table, strata of x_S never seen included, is set to e before fitting. Margins and the total are then
+those of the corrected table, so G² is no longer 2N·I: strata that were empty add nothing under the conditional
+model, but under the joint model each adds 4e pseudo-observations and a term of its own. With e = 0 (default)
+empty cells stay empty and 0·log 0 = 0.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from threadpoolctl import ThreadpoolController
+
+from interpret.permutation import Backend, PermutationResult, permutation_test
+from pipelines.errors import InputError, ScdgmError
+
+Model = Literal["conditional", "joint"]
+MODELS = ("conditional", "joint")
+MAX_SELECTED = 62
+"""Strata of x_S are coded in int64 bits."""
+WORK_ELEMENTS = 1 << 22
+"""Largest float array (stratum-latent-candidate cells, times permutations) built at once."""
+MAX_BATCH = 64
+"""Permutations per batch at most: larger batches gain little and delay the early stop."""
+DENSE_LIMIT_BYTES = 1 << 29
+"""A sparse X up to this size as dense float32 is made dense: the count product is then a BLAS matrix product."""
+DENSE_STRATA = 4
+"""With this many observed strata or fewer the one-hot matrix is used dense (BLAS beats the sparse product)."""
+
+
+@dataclass
+class SelectionResult:
+    """Genes chosen step by step, with each step's G², winning latent, p-value and full G² matrix (p × q)."""
+
+    genes: list[int]
+    g2: list[float]
+    latents: list[int]
+    pvalues: list[float] | None
+    matrices: list[np.ndarray]
+    model: Model
+    empty_cell: float
+    stopped_early: bool = False
+    stop_pvalue: float | None = None
+    """When selection stopped because a step's p-value exceeded alpha: that p-value (its gene is not kept)."""
+
+    def to_frame(self, gene_names: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per step: gene index (and name), winning latent, G² and p-value."""
+        frame = pd.DataFrame({
+            "step": np.arange(1, len(self.genes) + 1),
+            "gene_index": self.genes,
+            "latent": self.latents,
+            "g2": self.g2,
+            "pvalue": self.pvalues if self.pvalues is not None else np.nan,
+        })
+        if gene_names is not None:
+            frame.insert(2, "gene", [gene_names[i] for i in self.genes])
+        return frame
+
+
+@dataclass(frozen=True)
+class _Strata:
+    """Observed configurations of x_S: each sample's stratum index, their number, and how many were never seen."""
+
+    selected: tuple[int, ...]
+    codes: np.ndarray
+    size: int
+    unseen: float
+    latent_counts: np.ndarray = field(repr=False)
+    """(C, q, 1): n(stratum, h_j = 1)."""
+    sizes: np.ndarray = field(repr=False)
+    """(C, 1, 1): n(stratum)."""
+
+
+class LogLinearProblem:
+    """Binary genes X (n × p) and latents H (n × q), checked and stored once, scored for any selected set S."""
+
+    def __init__(
+        self,
+        x: Any,
+        h: Any,
+        model: Model = "conditional",
+        empty_cell: float = 0.0,
+        device: str = "cpu",
+    ) -> None:
+        if model not in MODELS:
+            raise ScdgmError(f"model must be one of {MODELS}, got {model!r}")
+        if not (np.isfinite(empty_cell) and empty_cell >= 0):
+            raise ScdgmError(f"empty_cell must be >= 0, got {empty_cell}")
+        self.x = _binary_genes(x)
+        self.h = _binary_latents(h, self.x.shape[0])
+        self.model = model
+        self.empty_cell = float(empty_cell)
+        self.device = _resolve_device(device)
+        self._backend = _backend_for(self.device, self.x)
+        self._last_strata: _Strata | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(samples, genes, latents)."""
+        return self.x.shape[0], self.x.shape[1], self.h.shape[1]
+
+    def g2(self, selected: Sequence[int] = ()) -> np.ndarray:
+        """G² of every candidate gene × latent given the selected genes (p × q; NaN rows for selected genes)."""
+        return self._g2_batch(self._strata(selected), None)[0]
+
+    def null_max(self, selected: Sequence[int], permutations: np.ndarray) -> np.ndarray:
+        """Max G² over candidates and latents with the rows of (h, x_S) permuted by each row of `permutations`."""
+        values = self._g2_batch(self._strata(selected), np.asarray(permutations))
+        return np.nanmax(values.reshape(values.shape[0], -1), axis=1)
+
+    def n_strata(self, selected: Sequence[int]) -> int:
+        """Number of configurations of the selected genes seen among the samples."""
+        return self._strata(selected).size
+
+    def batch_size(self, selected: Sequence[int]) -> int:
+        """Permutations per array operation: at most MAX_BATCH, with the work arrays within WORK_ELEMENTS."""
+        n, p, q = self.shape
+        return max(1, min(MAX_BATCH, WORK_ELEMENTS // (self.n_strata(selected) * (q + 1) * max(n, p))))
+
+    def resample(self, rows: np.ndarray) -> LogLinearProblem:
+        """The same problem on the given rows (a bootstrap resample), without checking the data again."""
+        clone = object.__new__(LogLinearProblem)
+        clone.__dict__.update(self.__dict__)
+        clone.x = self.x[rows]
+        clone.h = self.h[rows]
+        clone._backend = _backend_for(self.device, clone.x)
+        clone._last_strata = None
+        return clone
+
+    def _strata(self, selected: Sequence[int]) -> _Strata:
+        """Code the samples by their configuration of x_S, keeping only observed configurations (the last S is
+        kept: permutation batches of one step reuse it)."""
+        selected = tuple(int(i) for i in selected)
+        if self._last_strata is not None and self._last_strata.selected == selected:
+            return self._last_strata
+        n, p, q = self.shape
+        if len(set(selected)) != len(selected) or any(not 0 <= i < p for i in selected):
+            raise ScdgmError(f"selected genes must be distinct indices in [0, {p}), got {list(selected)}")
+        if len(selected) > MAX_SELECTED:
+            raise ScdgmError(f"at most {MAX_SELECTED} genes can be selected")
+        columns = self.x[:, list(selected)]
+        bits = (columns.toarray() if sp.issparse(columns) else columns).astype(np.int64)
+        _, codes = np.unique(bits @ (np.int64(1) << np.arange(len(selected), dtype=np.int64)), return_inverse=True)
+        size = int(codes.max()) + 1
+        onehot = sp.csr_matrix((np.ones(n, dtype=np.intp), (codes, np.arange(n))), shape=(size, n))
+        latent_counts = np.asarray(onehot @ self.h).astype(np.intp)[:, :, None]
+        sizes = np.bincount(codes, minlength=size).astype(np.intp)[:, None, None]
+        self._last_strata = _Strata(selected, codes, size, 2.0 ** len(selected) - size, latent_counts, sizes)
+        return self._last_strata
+
+    def _g2_batch(self, strata: _Strata, permutations: np.ndarray | None) -> np.ndarray:
+        """G² (b × p × q) for each permutation of the rows of (h, x_S), or for the data as it is (b = 1)."""
+        n, p, q = self.shape
+        rows, samples = _bin_entries(strata, self.h, permutations)
+        batch = 1 if permutations is None else permutations.shape[0]
+        shape = (batch * strata.size * (q + 1), n)
+        dense = strata.size <= DENSE_STRATA
+        width = max(1, WORK_ELEMENTS // (batch * strata.size * (q + 1)))
+        result = np.empty((batch, q, p))
+        for start in range(0, p, width):
+            stop = min(p, start + width)
+            counts = self._backend.counts(rows, samples, shape, dense, slice(start, stop))
+            counts = counts.reshape(batch, strata.size, q + 1, stop - start)
+            result[:, :, start:stop] = self._backend.g2(counts, strata, self.model, self.empty_cell)
+        result[:, :, list(strata.selected)] = np.nan
+        return result.transpose(0, 2, 1)
+
+
+def g2_matrix(
+    x: Any,
+    h: Any,
+    selected: Sequence[int] = (),
+    model: Model = "conditional",
+    empty_cell: float = 0.0,
+    device: str = "cpu",
+) -> np.ndarray:
+    """One step's G² for every candidate gene × latent (p × q) given the selected genes S (NaN rows for S)."""
+    return LogLinearProblem(x, h, model, empty_cell, device).g2(selected)
+
+
+def stepwise_select(
+    x: Any,
+    h: Any,
+    n_genes: int,
+    model: Model = "conditional",
+    empty_cell: float = 0.0,
+    permutations: int = 0,
+    alpha: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    n_jobs: int = 1,
+    backend: Backend = "threads",
+) -> SelectionResult:
+    """Select n_genes genes greedily by the largest G² over candidates × latents (Hess et al. 2020).
+
+    With permutations > 0 each step gets a max-statistic permutation p-value (family-wise over candidates and
+    latents); with alpha, selection stops at the first step whose p-value exceeds it. n_jobs and backend
+    ("threads" or "ray") spread the permutations.
+    """
+    if alpha is not None and permutations <= 0:
+        raise ScdgmError("alpha needs permutations > 0")
+    problem = LogLinearProblem(x, h, model, empty_cell, device)
+    return _select(problem, n_genes, permutations, alpha, seed, n_jobs, backend)
+
+
+def step_test(
+    problem: LogLinearProblem,
+    selected: Sequence[int],
+    permutations: int,
+    alpha: float | None = None,
+    seed: int | np.random.SeedSequence = 0,
+    n_jobs: int = 1,
+    backend: Backend = "threads",
+) -> PermutationResult:
+    """Max-statistic permutation test of one step: rows of (h, x_S) permuted against the candidate genes."""
+    if backend == "ray" and problem.device != "cpu":
+        raise ScdgmError("backend='ray' sends the problem to CPU workers: use device='cpu' with it")
+    selected = tuple(selected)
+    observed = float(np.nanmax(problem.g2(selected)))
+    statistic = functools.partial(problem.null_max, selected)
+    return permutation_test(statistic, observed, problem.shape[0], permutations,
+                            batch_size=problem.batch_size(selected), alpha=alpha, seed=seed,
+                            n_jobs=n_jobs, backend=backend)
+
+
+def selection_stability(
+    x: Any,
+    h: Any,
+    n_genes: int,
+    n_boot: int = 50,
+    seed: int = 0,
+    model: Model = "conditional",
+    empty_cell: float = 0.0,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Fraction of bootstrap resamples of the synthetic draws in which each gene is selected (length p)."""
+    if n_boot < 1:
+        raise ScdgmError(f"n_boot must be >= 1, got {n_boot}")
+    problem = LogLinearProblem(x, h, model, empty_cell, device)
+    n, p, _ = problem.shape
+    rng = np.random.default_rng(seed)
+    hits = np.zeros(p)
+    for _ in range(n_boot):
+        hits[_select(problem.resample(rng.integers(0, n, size=n)), n_genes).genes] += 1
+    return hits / n_boot
+
+
+def _select(
+    problem: LogLinearProblem,
+    n_genes: int,
+    permutations: int = 0,
+    alpha: float | None = None,
+    seed: int = 0,
+    n_jobs: int = 1,
+    backend: Backend = "threads",
+) -> SelectionResult:
+    """The greedy loop of `stepwise_select` on a prepared problem."""
+    if not 1 <= n_genes <= min(problem.shape[1], MAX_SELECTED):
+        raise ScdgmError(f"n_genes must be in [1, {min(problem.shape[1], MAX_SELECTED)}], got {n_genes}")
+    result = SelectionResult([], [], [], [] if permutations > 0 else None, [], problem.model, problem.empty_cell)
+    for step in range(n_genes):
+        matrix = problem.g2(result.genes)
+        gene, latent = np.unravel_index(np.nanargmax(matrix), matrix.shape)
+        if permutations > 0:
+            test = step_test(problem, result.genes, permutations, alpha, np.random.SeedSequence([seed, step]),
+                             n_jobs, backend)
+            if alpha is not None and test.pvalue > alpha:
+                result.stopped_early, result.stop_pvalue = True, test.pvalue
+                break
+            result.pvalues.append(test.pvalue)
+        result.genes.append(int(gene))
+        result.latents.append(int(latent))
+        result.g2.append(float(matrix[gene, latent]))
+        result.matrices.append(matrix)
+    return result
+
+
+def _bin_entries(strata: _Strata, h: np.ndarray, permutations: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Non-zero entries (bin, sample) of the one-hot matrix: bin (b, c, j) holds the samples that permutation b
+    puts in stratum c with h_j = 1; j = q collects the whole stratum."""
+    n, q = h.shape
+    augmented = np.hstack([h.astype(bool), np.ones((n, 1), dtype=bool)])
+    if permutations is None:
+        codes, flags = strata.codes[None, :], augmented[None]
+    else:
+        codes, flags = strata.codes[permutations], augmented[permutations]
+    batch = codes.shape[0]
+    bins = (np.arange(batch)[:, None] * strata.size + codes)[:, :, None] * (q + 1) + np.arange(q + 1)
+    samples = np.broadcast_to(np.arange(n)[None, :, None], bins.shape)
+    return bins[flags], samples[flags]
+
+
+def _g2_exact(counts: Any, latent_counts: Any, sizes: Any, model: Model, xlogx: Any) -> Any:
+    """G² (b × q × P) without correction, from integer counts (b × C × (q+1) × P) of n(c, h_j = 1, x_i = 1) and,
+    at j = q, n(c, x_i = 1); latent_counts (C × q × 1) = n(c, h_j = 1), sizes (C × 1 × 1) = n(c).
+
+    G²/2 = Σ T(n(h,S,x)) − Σ T(n(h,S)) − Σ T(n(S,x)) + Σ T(n(S)) (conditional), or with T(n(x)) and T(N) for the
+    last two (joint), where T(k) = k·log k is looked up in `xlogx`. Only the first sum is per gene × latent.
+    Works on numpy arrays and torch tensors alike.
+    """
+    n11, n_x1 = counts[:, :, :-1, :], counts[:, :, -1:, :]
+    n01 = n_x1 - n11
+    cells = (xlogx[n11].sum(-3) + xlogx[n01].sum(-3) + xlogx[latent_counts - n11].sum(-3)
+             + xlogx[(sizes - latent_counts) - n01].sum(-3))
+    h_term = (xlogx[latent_counts] + xlogx[sizes - latent_counts]).sum(-3)
+    if model == "conditional":
+        x_term = (xlogx[n_x1] + xlogx[sizes - n_x1]).sum(-3)
+        total_term = xlogx[sizes].sum()
+    else:
+        n, x1 = sizes.sum(), n_x1.sum(-3)
+        x_term = xlogx[x1] + xlogx[n - x1]
+        total_term = xlogx[n]
+    return 2 * (cells - h_term - x_term + total_term)
+
+
+def _g2_corrected(xp: Any, counts: Any, latent_counts: Any, sizes: Any, model: Model, empty_cell: float,
+                  unseen: float) -> Any:
+    """G² (b × q × P) with empty cells set to empty_cell, from float counts laid out as for `_g2_exact`.
+
+    Margins change with the correction, so every cell is scored as n·log(n/m) (xp: numpy or torch).
+    """
+    n11, n_x1 = counts[:, :, :-1, :], counts[:, :, -1:, :]
+    cells = [[sizes - latent_counts - n_x1 + n11, n_x1 - n11], [latent_counts - n11, n11]]  # cells[h][x]
+    cells = [[xp.where(cell == 0, empty_cell, cell) for cell in row] for row in cells]
+    h_margin = [row[0] + row[1] for row in cells]
+    x_margin = [cells[0][x] + cells[1][x] for x in (0, 1)]
+    if model == "conditional":
+        stratum = h_margin[0] + h_margin[1]
+        terms = [cells[a][b] * xp.log(cells[a][b] * stratum / (h_margin[a] * x_margin[b]))
+                 for a, b in product((0, 1), (0, 1))]
+        return 2 * sum(terms).sum(-3)
+    x_total = [margin.sum(-3) + 2 * empty_cell * unseen for margin in x_margin]
+    total = x_total[0] + x_total[1]
+    terms = [cells[a][b] * xp.log(cells[a][b] * total[:, None] / (h_margin[a] * x_total[b][:, None]))
+             for a, b in product((0, 1), (0, 1))]
+    unseen_strata = sum(xp.log(total / (2 * x_total[b])) for b in (0, 1))  # four cells of e, m = 2e·n(x)/N each
+    return 2 * (sum(terms).sum(-3) + 2 * empty_cell * unseen * unseen_strata)
+
+
+def _xlogx_table(n: int) -> np.ndarray:
+    """k·log k for k = 0..n (0·log 0 = 0)."""
+    k = np.arange(n + 1, dtype=np.float64)
+    return k * np.log(np.maximum(k, 1.0))
+
+
+class _NumpyCounts:
+    """Count products and G² with numpy/scipy on the CPU."""
+
+    def __init__(self, x: np.ndarray | sp.csr_matrix) -> None:
+        self.x = x
+        self.xlogx = _xlogx_table(x.shape[0])
+
+    def counts(self, rows: np.ndarray, samples: np.ndarray, shape: tuple[int, int], dense: bool,
+               columns: slice) -> np.ndarray:
+        """The one-hot matrix (given by its non-zero entries) times X's columns."""
+        x = self.x[:, columns] if (columns.start, columns.stop) != (0, self.x.shape[1]) else self.x
+        if dense and not sp.issparse(x):
+            onehot = np.zeros(shape, dtype=np.float32)
+            onehot[rows, samples] = 1.0
+            with _blas_controller().limit(limits=1, user_api="blas"):
+                return onehot @ x
+        onehot = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, samples)), shape=shape)
+        product_ = onehot @ x
+        return product_.toarray() if sp.issparse(product_) else np.asarray(product_)
+
+    def g2(self, counts: np.ndarray, strata: _Strata, model: Model, empty_cell: float) -> np.ndarray:
+        if empty_cell == 0:
+            return _g2_exact(counts.astype(np.intp), strata.latent_counts, strata.sizes, model, self.xlogx)
+        return _g2_corrected(np, counts.astype(np.float64), strata.latent_counts.astype(np.float64),
+                             strata.sizes.astype(np.float64), model, empty_cell, strata.unseen)
+
+
+class _TorchCounts:
+    """Count products and G² with torch on a GPU (sparse one-hot product in float32, G² in float64)."""
+
+    def __init__(self, x: np.ndarray | sp.csr_matrix, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        dense = x.toarray() if sp.issparse(x) else x
+        self.x = torch.as_tensor(np.asarray(dense, dtype=np.float32), device=self.device)
+        self.xlogx = torch.as_tensor(_xlogx_table(x.shape[0]), device=self.device)
+
+    def counts(self, rows: np.ndarray, samples: np.ndarray, shape: tuple[int, int], dense: bool,
+               columns: slice) -> Any:
+        torch = self.torch
+        indices = torch.as_tensor(np.stack([rows, samples]), device=self.device)
+        values = torch.ones(rows.size, dtype=torch.float32, device=self.device)
+        onehot = torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
+        return torch.sparse.mm(onehot, self.x[:, columns].contiguous())
+
+    def g2(self, counts: Any, strata: _Strata, model: Model, empty_cell: float) -> np.ndarray:
+        torch = self.torch
+        if empty_cell == 0:
+            as_int = functools.partial(torch.as_tensor, dtype=torch.int64, device=self.device)
+            values = _g2_exact(counts.round().to(torch.int64), as_int(strata.latent_counts), as_int(strata.sizes),
+                               model, self.xlogx)
+        else:
+            as_float = functools.partial(torch.as_tensor, dtype=torch.float64, device=self.device)
+            values = _g2_corrected(torch, counts.to(torch.float64), as_float(strata.latent_counts),
+                                   as_float(strata.sizes), model, empty_cell, strata.unseen)
+        return values.cpu().numpy()
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """BLAS runs single-threaded in the skinny count products: multi-threaded OpenBLAS is up to 15 times slower
+    on them when the cores are busy, and parallelism comes from n_jobs over permutations instead."""
+    return ThreadpoolController()
+
+
+def _resolve_device(device: str) -> str:
+    """'cpu', 'cuda[:k]', or 'auto' (CUDA when torch sees a GPU)."""
+    if device == "cpu":
+        return device
+    if device != "auto" and not device.startswith("cuda"):
+        raise ScdgmError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    if device == "auto":
+        return "cpu"
+    raise ScdgmError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+
+
+def _backend_for(device: str, x: np.ndarray | sp.csr_matrix) -> _NumpyCounts | _TorchCounts:
+    return _NumpyCounts(x) if device == "cpu" else _TorchCounts(x, device)
+
+
+def _binary_genes(x: Any) -> np.ndarray | sp.csr_matrix:
+    """Check X is a 2-D 0/1 matrix; return it as float32, dense when that fits in DENSE_LIMIT_BYTES."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32, copy=True)
+        x.sum_duplicates()
+        values = x.data
+    else:
+        x = np.asarray(x)
+        values = x
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise InputError(f"genes must be a non-empty samples × genes matrix, got shape {x.shape}")
+    if not ((values == 0) | (values == 1)).all():
+        raise InputError("genes must be binary (0/1): discretise them first")
+    if sp.issparse(x) and x.shape[0] * x.shape[1] * 4 <= DENSE_LIMIT_BYTES:
+        return x.toarray()
+    return x if sp.issparse(x) else np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _binary_latents(h: Any, n: int) -> np.ndarray:
+    """Check H is n × q and 0/1; return it as uint8."""
+    h = h.toarray() if sp.issparse(h) else np.asarray(h)
+    if h.ndim != 2 or h.shape[0] != n or h.shape[1] == 0:
+        raise InputError(f"latents must be a {n} × q matrix (same samples as the genes), got shape {h.shape}")
+    if not ((h == 0) | (h == 1)).all():
+        raise InputError("latents must be binary (0/1): discretise them first")
+    return h.astype(np.uint8)
