@@ -125,10 +125,24 @@ class CountBatches:
         return full if (self.drop_last or rest == 0) else full + 1
 
     def __iter__(self) -> Iterator[Batch]:
-        order = torch.randperm(self.n_cells, generator=self.generator) if self.shuffle else torch.arange(self.n_cells)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield self.take(index)
+        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        if not self.shuffle:
+            for start in starts:
+                yield self.take_range(start, min(start + self.batch_size, self.n_cells))
+            return
+        order = torch.randperm(self.n_cells, generator=self.generator)
+        for start in starts:
+            yield self.take(order[start : start + self.batch_size])
+
+    def take_range(self, start: int, stop: int) -> Batch:
+        """The batch of cells start..stop-1 in order, as views where the data are dense (no gather, no copy)."""
+        rows = slice(start, stop)
+        if self.dense is not None:
+            x = self.dense[rows]
+        else:
+            x = torch.from_numpy(self.sparse[rows].toarray()).to(self.device, non_blocking=True)
+        codes = self.batch_codes[rows] if self.batch_codes is not None else None
+        return Batch(x=x, log_library=self.log_library[rows], batch_index=codes, index=torch.arange(start, stop))
 
     def take(self, index: torch.Tensor) -> Batch:
         """The batch made of the given cell indices."""
@@ -139,3 +153,23 @@ class CountBatches:
             x = torch.from_numpy(self.sparse[index.numpy()].toarray()).to(self.device, non_blocking=True)
         codes = self.batch_codes.index_select(0, device_index) if self.batch_codes is not None else None
         return Batch(x=x, log_library=self.log_library.index_select(0, device_index), batch_index=codes, index=index)
+
+
+def log_normalize(x: torch.Tensor, target_sum: float = 1e4) -> torch.Tensor:
+    """log1p(counts / library size × target_sum), the usual log-normalised expression, per row."""
+    library = x.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    return torch.log1p(x / library * target_sum)
+
+
+def expression_to_counts(
+    log_expression: torch.Tensor, log_library: torch.Tensor, target_sum: float = 1e4, noise: str = "poisson"
+) -> torch.Tensor:
+    """Counts from log-normalised expression and library sizes: expm1(y) × library / target_sum, then either
+    Poisson draws ('poisson') or unbiased stochastic rounding ('round': floor plus a Bernoulli on the rest)."""
+    mean = torch.expm1(log_expression).clamp(min=0.0) * (log_library.exp() / target_sum).unsqueeze(-1)
+    if noise == "poisson":
+        return torch.poisson(mean)
+    if noise == "round":
+        floor = mean.floor()
+        return floor + (torch.rand_like(mean) < mean - floor).to(mean.dtype)
+    raise InputError(f"count noise must be 'poisson' or 'round', got {noise!r}")

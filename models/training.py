@@ -111,7 +111,7 @@ def _mean_metrics(totals: dict[str, float], count: int, prefix: str) -> dict[str
 
 def _run_epoch(module: TrainableModule, batches: CountBatches, ctx: StepContext, training: bool) -> dict[str, float]:
     """Average each reported term over cells (steps report per-cell means; weights are batch sizes)."""
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     cells = 0
     module.train(training)
     ctx.steps_per_epoch = len(batches)
@@ -123,13 +123,14 @@ def _run_epoch(module: TrainableModule, batches: CountBatches, ctx: StepContext,
             with torch.no_grad():
                 logs = module.validation_step(batch, ctx)
         size = batch.x.shape[0]
-        for key, value in logs.items():
-            value = float(value)
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"{key} became {value} at epoch {ctx.epoch + 1}")
-            totals[key] = totals.get(key, 0.0) + value * size
+        for key, value in logs.items():  # summed as tensors: no host sync per step (matters on a GPU)
+            totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).detach().double() * size
         cells += size
-    return _mean_metrics(totals, cells, "train" if training else "validation")
+    sums = {key: float(total) for key, total in totals.items()}
+    for key, value in sums.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"{key} became {value} in epoch {ctx.epoch + 1}")
+    return _mean_metrics(sums, cells, "train" if training else "validation")
 
 
 def fit_module(

@@ -13,7 +13,10 @@ import warnings
 import click
 import typer
 
-from pipelines.errors import ScdgmError
+# Spinning OpenMP threads make 2-thread torch 25-50x slower on a shared machine; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pipelines.errors import ScdgmError  # noqa: E402
 
 app = typer.Typer(
     name="scdgm",
@@ -28,11 +31,20 @@ app.add_typer(data_app, name="data")
 
 def _register() -> None:
     """Attach every command; command modules keep heavy imports inside their functions so --help is fast."""
-    from pipelines import fetch, prepare, simulate
+    from pipelines import evaluate, explain, fetch, prepare, registry, report, serve, simulate, train, tune
 
     data_app.command("fetch")(fetch.fetch_command)
     data_app.command("simulate")(simulate.simulate_command)
     app.command("prepare")(prepare.prepare_command)
+    app.command("train")(train.train_command)
+    app.command("embed")(train.embed_command)
+    app.command("sample")(train.sample_command)
+    app.command("explain")(explain.explain_command)
+    app.command("serve")(serve.serve_command)
+    app.command("tune")(tune.tune_command)
+    app.command("evaluate")(evaluate.evaluate_command)
+    app.command("register")(registry.register_command)
+    app.command("report")(report.report_command)
 
 
 _register()

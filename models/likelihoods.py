@@ -1,0 +1,282 @@
+"""Count likelihoods of the decoders (NB, ZINB, Poisson) with their samplers, the learned gene-wise dispersion,
+and the per-batch log-normal model of library size that the count models share.
+
+Everything works in log space: a decoder produces the log mean `log_mu` (log softmax proportions plus log
+library) and the dispersion is stored as `log_theta` (NB inverse dispersion: Var = mu + mu^2 / theta), so
+log(theta + mu) is a stable logaddexp and no epsilon is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipelines.errors import ScdgmError
+
+LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
+
+
+def log_nb(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """Elementwise log NB(x; mean mu, inverse dispersion theta), from log mu and log theta."""
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)
+    return (
+        theta * (log_theta - log_theta_mu)
+        + x * (log_mu - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
+
+
+TABLE_COUNTS = 32
+"""Counts up to this read lgamma/digamma differences from per-gene tables in `nb_log_prob` (exact beyond)."""
+
+
+class _NBLogProb(torch.autograd.Function):
+    """Per-cell NB log-likelihood with hand-written gradients: the training hot path.
+
+    With d = log mu - log theta, log NB = x d - (theta + x) softplus(d) + [lgamma(x + theta) - lgamma(theta)
+    - lgamma(x + 1)]. The bracket and its theta-derivative psi(x + theta) - psi(theta) are cumulative sums over
+    j < x of log(theta + j) - log(j + 1) and 1 / (theta + j): small per-gene tables gathered at x, instead of
+    lgamma/digamma on every entry (the slowest kernels on CPU). Non-integer counts fall back to lgamma.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        lt = log_theta if rows is None else log_theta.index_select(0, rows)
+        theta = lt.exp()
+        d = log_mu - lt
+        sp = F.softplus(d)
+        tx = x + theta
+        value = torch.linalg.vecdot(x, d) - torch.linalg.vecdot(tx, sp)
+        needs_theta = ctx.needs_input_grad[2]
+        gamma_terms, digamma_terms = _gamma_terms(x, log_theta, rows, needs_theta)
+        value = value + gamma_terms.sum(-1)
+        if ctx.needs_input_grad[1] or needs_theta:
+            grad_d = x - tx * torch.sigmoid(d)
+            ctx.save_for_backward(grad_d, sp, theta, digamma_terms, rows)
+            ctx.n_rows = log_theta.shape[0]
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad_value: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_d, sp, theta, digamma_terms, rows = ctx.saved_tensors
+        grad_mu = grad_d * grad_value[:, None] if ctx.needs_input_grad[1] else None
+        grad_theta = None
+        if ctx.needs_input_grad[2]:
+            per_entry = theta * (digamma_terms - sp) - grad_d
+            if rows is None:
+                grad_theta = (grad_value @ per_entry)[None, :]
+            else:
+                grad_theta = torch.zeros(ctx.n_rows, per_entry.shape[1], dtype=per_entry.dtype, device=per_entry.device)
+                grad_theta.index_add_(0, rows, per_entry * grad_value[:, None])
+        return None, grad_mu, grad_theta, None
+
+
+def _gamma_terms(
+    x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None, with_digamma: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) and psi(x + theta) - psi(theta) for every entry."""
+    theta_rows = log_theta.exp()
+    theta = theta_rows if rows is None else theta_rows.index_select(0, rows)
+    if not torch.equal(x, x.floor()):
+        shifted = x + theta
+        terms = torch.lgamma(shifted) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
+        return terms, (torch.digamma(shifted) - torch.digamma(theta) if with_digamma else None)
+    steps = torch.arange(TABLE_COUNTS, dtype=x.dtype, device=x.device)
+    shifted_steps = theta_rows[..., None] + steps
+    n_genes, width = x.shape[1], TABLE_COUNTS + 1
+    offsets = torch.arange(0, n_genes * width, width, dtype=torch.int32, device=x.device)
+    if rows is not None:
+        offsets = offsets + (rows.int() * (n_genes * width))[:, None]
+    index = (x.int().clamp_(max=TABLE_COUNTS) + offsets).view(-1)
+    gamma_table = F.pad((torch.log(shifted_steps) - torch.log1p(steps)).cumsum(-1), (1, 0))
+    terms = gamma_table.view(-1).index_select(0, index).view_as(x)
+    digamma_terms = None
+    if with_digamma:
+        digamma_table = F.pad(shifted_steps.reciprocal().cumsum(-1), (1, 0))
+        digamma_terms = digamma_table.view(-1).index_select(0, index).view_as(x)
+    if x.amax() > TABLE_COUNTS:
+        cell, gene = (x > TABLE_COUNTS).nonzero(as_tuple=True)
+        k, t = x[cell, gene], theta.expand_as(x)[cell, gene]
+        terms.index_put_((cell, gene), torch.lgamma(k + t) - torch.lgamma(t) - torch.lgamma(k + 1.0))
+        if with_digamma:
+            digamma_terms.index_put_((cell, gene), torch.digamma(k + t) - torch.digamma(t))
+    return terms, digamma_terms
+
+
+def nb_log_prob(
+    x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-cell NB log-likelihood (summed over genes) with fused gradients; equals `log_nb(...).sum(-1)`.
+
+    `log_theta` is (1, genes), or (groups, genes) with `rows` giving each cell's group (gene-batch dispersion).
+    """
+    return _NBLogProb.apply(x, log_mu, log_theta, rows)
+
+
+def log_zinb(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
+    """Elementwise log ZINB: NB mixed with a point mass at zero of probability sigmoid(zi_logits).
+
+    At x = 0 the NB term is theta * log(theta / (theta + mu)), so the zero case is a logaddexp of
+    log pi = -softplus(-logits) and log(1 - pi) + log NB(0) with log(1 - pi) = -softplus(logits).
+    """
+    log_not_zero_inflated = -F.softplus(zi_logits)
+    nb = log_nb(x, log_mu, log_theta) + log_not_zero_inflated
+    zero = torch.logaddexp(-F.softplus(-zi_logits), nb)
+    return torch.where(x == 0, zero, nb)
+
+
+def log_poisson(x: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
+    """Elementwise log Poisson(x; rate mu), from log mu."""
+    return x * log_mu - log_mu.exp() - torch.lgamma(x + 1.0)
+
+
+def sample_poisson(log_mu: torch.Tensor) -> torch.Tensor:
+    """Poisson draws with rate exp(log_mu)."""
+    return torch.poisson(log_mu.exp())
+
+
+def sample_nb(log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """NB draws as a Gamma–Poisson mixture: rate ~ Gamma(shape theta, mean mu), counts ~ Poisson(rate)."""
+    theta = log_theta.exp().expand_as(log_mu)
+    rate = torch.distributions.Gamma(theta, torch.ones_like(theta)).sample() * (log_mu - log_theta).exp()
+    return torch.poisson(rate)
+
+
+def sample_zinb(log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
+    """ZINB draws: NB draws set to zero with probability sigmoid(zi_logits)."""
+    counts = sample_nb(log_mu, log_theta)
+    return torch.where(torch.bernoulli(torch.sigmoid(zi_logits)).bool(), torch.zeros_like(counts), counts)
+
+
+class CountLikelihood(nn.Module):
+    """A count likelihood with its learned dispersion: per gene, or per gene and batch ('gene-batch').
+
+    `log_prob` sums over genes (one value per cell); `mean` and `sample` give the expected and drawn
+    counts. For ZINB the decoder supplies per-cell zero-inflation logits.
+    """
+
+    def __init__(self, name: str, n_genes: int, n_batches: int = 0, dispersion: str = "gene") -> None:
+        super().__init__()
+        if name not in LIKELIHOODS:
+            raise ScdgmError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {name!r}")
+        if dispersion not in DISPERSIONS:
+            raise ScdgmError(f"dispersion must be one of {', '.join(DISPERSIONS)}, got {dispersion!r}")
+        if dispersion == "gene-batch" and n_batches == 0:
+            raise ScdgmError("dispersion='gene-batch' needs a batch covariate (batch_key)")
+        self.name = name
+        self.per_batch = dispersion == "gene-batch"
+        if name != "poisson":
+            self.log_theta = nn.Parameter(torch.zeros(n_batches if self.per_batch else 1, n_genes))
+
+    @property
+    def zero_inflated(self) -> bool:
+        """Whether the decoder must supply zero-inflation logits."""
+        return self.name == "zinb"
+
+    def dispersion(self, batch_index: torch.Tensor | None) -> torch.Tensor:
+        """log theta broadcastable against (cells, genes): one row, or each cell's batch row."""
+        if self.per_batch:
+            if batch_index is None:
+                raise ScdgmError("gene-batch dispersion needs each cell's batch")
+            return self.log_theta.index_select(0, batch_index)
+        return self.log_theta
+
+    def log_prob(
+        self,
+        x: torch.Tensor,
+        log_mu: torch.Tensor,
+        zi_logits: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-likelihood of each cell's counts (summed over genes)."""
+        if self.name == "poisson":
+            return log_poisson(x, log_mu).sum(-1)
+        if self.name == "zinb":
+            return log_zinb(x, log_mu, self.dispersion(batch_index), zi_logits).sum(-1)
+        return nb_log_prob(x, log_mu, self.log_theta, batch_index if self.per_batch else None)
+
+    def mean(self, log_mu: torch.Tensor, zi_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected counts: mu, times the probability of not being an inflated zero for ZINB."""
+        if self.name == "zinb":
+            return torch.exp(log_mu - F.softplus(zi_logits))
+        return log_mu.exp()
+
+    def sample(
+        self,
+        log_mu: torch.Tensor,
+        zi_logits: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Counts drawn from the likelihood."""
+        if self.name == "poisson":
+            return sample_poisson(log_mu)
+        log_theta = self.dispersion(batch_index)
+        if self.name == "zinb":
+            return sample_zinb(log_mu, log_theta, zi_logits)
+        return sample_nb(log_mu, log_theta)
+
+
+class LibraryPrior(nn.Module):
+    """Log-normal model of library size per batch, fitted to the training cells (buffers, saved with the model).
+
+    Serves as the prior of a learned log library (scVI) and as the source of library sizes for prior samples;
+    the batch of a prior sample is drawn with the training cells' batch frequencies.
+    """
+
+    def __init__(self, n_batches: int) -> None:
+        super().__init__()
+        groups = max(n_batches, 1)
+        self.n_batches = n_batches
+        self.register_buffer("mean", torch.zeros(groups))
+        self.register_buffer("var", torch.ones(groups))
+        self.register_buffer("weight", torch.full((groups,), 1.0 / groups))
+
+    def fit(self, log_library: torch.Tensor, batch_index: torch.Tensor | None) -> None:
+        """Set mean, variance and frequency of log library size per batch from the training cells."""
+        codes = torch.zeros_like(log_library, dtype=torch.long) if batch_index is None else batch_index
+        groups = self.mean.numel()
+        count = torch.bincount(codes, minlength=groups).to(log_library.dtype)
+        total = torch.zeros(groups, dtype=log_library.dtype, device=log_library.device)
+        mean = total.index_add(0, codes, log_library) / count.clamp_min(1)
+        square = total.index_add(0, codes, (log_library - mean[codes]) ** 2) / count.clamp_min(1)
+        overall = log_library.mean()
+        self.mean.copy_(torch.where(count > 0, mean, overall))
+        self.var.copy_(torch.where(count > 1, square, log_library.var(unbiased=False)).clamp_min(1e-4))
+        self.weight.copy_(count / count.sum())
+
+    def parameters_for(self, batch_index: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior mean and variance of log library for `n` cells of the given batches."""
+        if batch_index is None:
+            return self.mean[0].expand(n), self.var[0].expand(n)
+        return self.mean[batch_index], self.var[batch_index]
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log library sizes and batch codes (None without batches) of `n` synthetic cells."""
+        batch_index = torch.multinomial(self.weight, n, replacement=True) if self.n_batches else None
+        mean, var = self.parameters_for(batch_index, n)
+        return mean + var.sqrt() * torch.randn_like(mean), batch_index
+
+
+def gaussian_kl(
+    mean: torch.Tensor, var: torch.Tensor, prior_mean: torch.Tensor | float = 0.0, prior_var: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """KL(N(mean, var) || N(prior_mean, prior_var)) of diagonal Gaussians, summed over the last dimension."""
+    prior_var = torch.as_tensor(prior_var, dtype=mean.dtype, device=mean.device)
+    return 0.5 * ((var + (mean - prior_mean) ** 2) / prior_var - 1.0 + torch.log(prior_var) - torch.log(var)).sum(-1)
+
+
+def log_normal_density(
+    x: torch.Tensor, mean: torch.Tensor | float = 0.0, var: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """log N(x; mean, var) of a diagonal Gaussian, summed over the last dimension."""
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
+    return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var).sum(-1)

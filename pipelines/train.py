@@ -1,0 +1,206 @@
+"""`scdgm train`, `scdgm embed` and `scdgm sample`: fit a model and evaluate it, embed cells, draw synthetic cells.
+
+Hyperparameters come from params.yaml (`train.common`, then `train.<model>`) and `--set key=value`; a model
+directory is written whole or not at all (built in a hidden sibling folder, then renamed into place).
+`train_model` is the library entry point the tuner and the tracker call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pipelines.errors import InputError, ScdgmError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from models.base import EpochCallback, GenerativeModel
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+class SampleSource(str, Enum):
+    """Where `scdgm sample` draws latents from."""
+
+    posterior = "posterior"
+    prior = "prior"
+
+
+def model_params(kind: str, config: dict[str, Any], overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Hyperparameters of model `kind`: the top-level seed, `train.common` (keys this model has), `train.<kind>`,
+    then `key=value` overrides. A common key no model knows, or a model key or override this model lacks, is an
+    error naming the valid keys."""
+    from models import MODEL_KINDS, model_class
+    from pipelines.config import apply_overrides
+
+    section = config.get("train") or {}
+    known = {f.name for f in dataclasses.fields(model_class(kind).Config)}
+    common = dict(section.get("common") or {})
+    if "seed" in config:
+        common.setdefault("seed", config["seed"])
+    everywhere = set().union(*({f.name for f in dataclasses.fields(model_class(k).Config)} for k in MODEL_KINDS))
+    stray = sorted(set(common) - everywhere)
+    if stray:
+        raise ScdgmError(f"train.common: {', '.join(stray)} is not a hyperparameter of any model")
+    params = {key: value for key, value in common.items() if key in known}
+    params.update(section.get(kind) or {})
+    params = apply_overrides(params, list(overrides or []))
+    model_class(kind).from_params(params)  # fail on unknown keys or bad values before any data is read
+    return params
+
+
+def train_model(
+    kind: str, adata: ad.AnnData, params: dict[str, Any], callbacks: Sequence[EpochCallback] = ()
+) -> tuple[GenerativeModel, dict[str, float]]:
+    """Fit a `kind` model with hyperparameters `params` on `adata` (obs['split'] train/validation, all cells
+    without it) and evaluate it on the test split (all cells when there is none); returns (model, metrics)."""
+    from models import create_model
+    from models.data import split_mask
+
+    model = create_model(kind, params)
+    history = model.fit(adata, callbacks)
+    split = "test" if split_mask(adata, "test").any() else None
+    if split is None and "split" in adata.obs:
+        logger.warning("obs['split'] has no 'test' cells: evaluating on all cells")
+    metrics = model.evaluate(adata, split)
+    if history.epochs and history.best_epoch >= 0:
+        best = history.epochs[history.best_epoch]
+        metrics.update({k: float(v) for k, v in best.items() if k.startswith(("train_", "validation_"))})
+    metrics.update(
+        training_seconds=float(history.seconds),
+        best_epoch=float(history.best_epoch),
+        epochs=float(len(history.epochs)),
+        stopped_early=float(history.stopped_early),
+    )
+    model.metadata["metrics"] = metrics
+    return model, metrics
+
+
+def check_model_dir_target(out: Path) -> None:
+    """`out` may be written: absent, an empty folder, or an earlier model directory (which gets replaced)."""
+    if out.exists() and not (out / "config.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ScdgmError(f"{out} exists and is not a model directory; not overwriting it")
+
+
+def save_model_dir(model: GenerativeModel, metrics: dict[str, float], out: str | Path) -> Path:
+    """Write the model and metrics.json to `out` atomically: a hidden sibling folder renamed into place, so a
+    failure leaves no `out` (and an earlier model there untouched). Only a model directory is replaced."""
+    out = Path(out)
+    check_model_dir_target(out)
+    staging = out.with_name(f".{out.name}.{secrets.token_hex(6)}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        model.save(staging)
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            retired = staging.with_suffix(".old")
+            os.rename(out, retired)
+            os.rename(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, out)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ScdgmError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        raise
+    return out
+
+
+def _load(model: Path) -> GenerativeModel:
+    from models import load_model
+
+    if not model.is_dir():
+        raise InputError(f"model directory not found: {model}")
+    return load_model(str(model))
+
+
+def train_command(
+    model: Annotated[str, typer.Option("--model", help="Model kind: ae, vae, ldvae, gan, dbm or pca.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared cells (.h5ad) with obs['split'].")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write (with metrics.json).")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a hyperparameter, e.g. --set n_latent=5.")
+    ] = None,
+    params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
+) -> None:
+    """Train a model on prepared cells, evaluate it on the test split and save it with its metrics."""
+    from pipelines import tracking
+    from pipelines.config import load_params
+    from pipelines.io import read_counts
+
+    if params is not None and not params.is_file():
+        raise ScdgmError(f"params file not found: {params}")
+    config = load_params(params)
+    hyperparameters = model_params(model, config, overrides)
+    check_model_dir_target(out)
+    adata = read_counts(data)
+    lineage = tracking.dataset_lineage(data, adata.n_obs, adata.n_vars)
+    with tracking.training_run(model, hyperparameters, lineage, tracking.experiment_name(config), out.name) as run:
+        fitted, metrics = train_model(model, adata, hyperparameters, callbacks=[run.epoch_callback])
+        save_model_dir(fitted, metrics, out)
+        run.finish(out, metrics)
+    shown = {k: metrics[k] for k in ("best_epoch", "training_seconds", "nll_elbo", "knn_accuracy") if k in metrics}
+    typer.echo(f"wrote {out}: {model} on {adata.n_obs} cells; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+
+
+def embed_command(
+    model: Annotated[Path, typer.Option("--model", help="Model directory written by `scdgm train`.")],
+    data: Annotated[Path, typer.Option("--data", help="Cells (.h5ad) with the model's genes.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the cells with obsm['X_scdgm'] (.h5ad).")],
+) -> None:
+    """Embed cells: latent means in obsm['X_scdgm'], their variances in obsm['X_scdgm_var']."""
+    from pipelines.io import read_counts, write_h5ad_atomic
+
+    fitted = _load(model)
+    adata = read_counts(data)
+    embedding = fitted.embed(adata)
+    adata.obsm["X_scdgm"] = embedding.mean
+    adata.obsm["X_scdgm_var"] = embedding.var
+    adata.uns["scdgm_embed"] = {"model": str(model), "kind": fitted.kind, "n_latent": fitted.n_latent}
+    write_h5ad_atomic(adata, out)
+    typer.echo(f"wrote {out}: {adata.n_obs} cells embedded in {fitted.n_latent} dimensions by {fitted.kind}")
+
+
+def sample_command(
+    model: Annotated[Path, typer.Option("--model", help="Model directory written by `scdgm train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the synthetic cells (.h5ad).")],
+    source: Annotated[SampleSource, typer.Option(help="posterior: draws for the cells of --data; prior: new cells.")]
+    = SampleSource.posterior,
+    data: Annotated[Path | None, typer.Option("--data", help="Cells (.h5ad) to draw posterior samples for.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Prior samples to draw (default: cells of --data).")] = None,
+    draws: Annotated[int, typer.Option(min=1, help="Posterior draws per cell.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the model's).")] = None,
+) -> None:
+    """Draw synthetic cells from a trained model (counts in .X, latents in obsm['X_scdgm'])."""
+    from pipelines.io import read_counts, write_h5ad_atomic
+
+    if source is SampleSource.posterior and data is None:
+        raise InputError("posterior sampling needs the cells to draw for: pass --data")
+    if source is SampleSource.prior and n is None and data is None:
+        raise InputError("prior sampling needs the number of cells: pass --n")
+    fitted = _load(model)
+    adata = read_counts(data) if data is not None else None
+    if source is SampleSource.prior:
+        samples = fitted.sample(n=n or adata.n_obs, source="prior", seed=seed)
+    else:
+        samples = fitted.sample(adata, source="posterior", draws=draws, seed=seed)
+    synthetic = samples.to_anndata(fitted.genes, obs=adata.obs if source is SampleSource.posterior else None)
+    synthetic.uns["scdgm_sample"].update({"model": str(model), "kind": fitted.kind})
+    if seed is not None:
+        synthetic.uns["scdgm_sample"]["seed"] = seed
+    write_h5ad_atomic(synthetic, out)
+    typer.echo(f"wrote {out}: {synthetic.n_obs} {source.value} samples from {fitted.kind}")
