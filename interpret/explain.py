@@ -1,0 +1,443 @@
+"""The whole explanation of a fitted model (`scdgm explain`): synthetic cells → discretisation → step-wise
+log-linear gene selection with permutation p-values → patterns → label transfer, plus loadings (linear models)
+or integrated-gradient attributions (the others), latent–label association and plots.
+
+Everything lands in one folder written atomically (built in a temporary sibling, then renamed): explanation.json
+(the report), reference.json (what `interpret.explainer.Explainer` needs to explain new cells), CSV tables and PNG
+figures. Posterior draws carry their source cell's label, so label-transfer accuracy is measured against it;
+prior draws are reported separately.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from interpret import plots
+from interpret.association import label_latents, latent_association
+from interpret.discretize import Discretizer, fit_discretizer
+from interpret.explainer import REFERENCE_FILE, REFERENCE_FORMAT, REFERENCE_VERSION, log_normalized
+from interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
+from interpret.loglinear import SelectionResult, selection_stability, stepwise_select
+from interpret.patterns import PatternSummary, summarize_patterns
+from models.base import Samples
+from models.data import model_counts
+from pipelines.errors import InputError, ScdgmError
+
+EXPLANATION_FORMAT = "scdgm-explanation"
+UNLABELLED = "unlabelled"
+"""The one label of the reference when the data have no labels: it then only counts patterns."""
+MAX_ASSOCIATION_LEVELS = 50
+
+
+@dataclass
+class ExplainSettings:
+    """Options of an explanation (the `explain:` section of params.yaml)."""
+
+    n_genes: int = 8
+    draws: int = 1
+    prior_cells: int | None = None
+    """Prior draws reported separately; None = as many as there are cells, 0 = none."""
+    permutations: int = 1000
+    alpha: float | None = None
+    quantile: float = 0.5
+    latent_rule: str = "sign"
+    selection_model: str = "conditional"
+    empty_cell: float = 0.0
+    label_key: str = "cell_type"
+    n_patterns: int = 20
+    stability_boot: int = 0
+    top_genes: int = 10
+    attribution_cells: int = 300
+    attribution_steps: int = 16
+    driver_genes: int = 10
+    gene_sets: str | None = None
+    """GMT file scored against the loadings of linear models; None = the bundled immune sets."""
+    plots: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    n_jobs: int = 1
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ExplainSettings:
+        """Settings from a flat mapping; unknown keys are a user error naming the valid ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ScdgmError(f"unknown explain parameter(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        settings = cls(**params)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject values no explanation can use, naming the option."""
+        if self.n_genes < 1 or self.draws < 1 or self.permutations < 0:
+            raise ScdgmError("n_genes and draws must be at least 1 and permutations at least 0")
+        if self.prior_cells is not None and self.prior_cells < 0:
+            raise ScdgmError(f"prior_cells must be >= 0, got {self.prior_cells}")
+        if self.alpha is not None and not 0 < self.alpha < 1:
+            raise ScdgmError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.attribution_steps < 2 or self.attribution_cells < 1 or self.driver_genes < 1 or self.top_genes < 1:
+            raise ScdgmError("attribution_steps must be >= 2; attribution_cells, driver_genes, top_genes >= 1")
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target`, on failure it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if target.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, previous / target.name)
+    os.replace(staging, target)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+@dataclass
+class _Run:
+    """What the steps of one explanation share: inputs, synthetic draws, their binary form and the selection."""
+
+    model: Any
+    adata: ad.AnnData
+    settings: ExplainSettings
+    counts: sp.csr_matrix
+    labels: np.ndarray | None
+    posterior: Samples
+    discretizer: Discretizer
+    x: np.ndarray | sp.csr_matrix
+    h: np.ndarray
+    selection: SelectionResult
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def selected(self) -> list[int]:
+        return self.selection.genes
+
+    @property
+    def gene_names(self) -> list[str]:
+        return [self.model.genes[g] for g in self.selection.genes]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 3)
+
+
+def _selection_records(result: SelectionResult, genes: list[str]) -> list[dict[str, Any]]:
+    frame = result.to_frame(genes)
+    frame["pvalue"] = frame["pvalue"].astype(object).where(frame["pvalue"].notna(), None)
+    return frame.to_dict(orient="records")
+
+
+def _fit_discretizer(model: Any, x: np.ndarray, z: np.ndarray, settings: ExplainSettings) -> Discretizer:
+    """Thresholds from the synthetic cells; 0/1 output of binary models is kept as it is (gene on where > 0)."""
+    discretizer = fit_discretizer(x, z, settings.quantile, settings.latent_rule, model.genes)
+    if model.output == "binary":
+        discretizer = dataclasses.replace(discretizer, gene_thresholds=np.zeros(len(model.genes)))
+    return discretizer
+
+
+def _labels(adata: ad.AnnData, key: str) -> np.ndarray | None:
+    if key not in adata.obs:
+        return None
+    labels = adata.obs[key]
+    if labels.isna().any():
+        raise InputError(f"obs[{key!r}] has missing labels")
+    return labels.astype(str).to_numpy()
+
+
+def _association_columns(obs: pd.DataFrame) -> list[str]:
+    """obs columns worth relating to the latents: numeric, or categorical with 2..50 levels (not the split)."""
+    columns = []
+    for column in obs.columns:
+        values = obs[column]
+        if column == "split":
+            continue
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if numeric or 2 <= values.nunique() <= MAX_ASSOCIATION_LEVELS:
+            columns.append(str(column))
+    return columns
+
+
+def _drivers(run: _Run, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(report section, reference section) of what drives the latents: loadings or integrated gradients."""
+    from interpret.attributions import global_attributions, latent_mean_function, top_attributed_genes
+    from interpret.genesets import immune_gene_sets, read_gmt
+    from interpret.loadings import has_loadings, summarize_loadings
+
+    model, adata, settings = run.model, run.adata, run.settings
+    if has_loadings(model):
+        gene_sets = read_gmt(settings.gene_sets) if settings.gene_sets else immune_gene_sets()
+        summary = summarize_loadings(model, adata, gene_sets, settings.top_genes)
+        summary.loadings.to_csv(out / "loadings.csv", index_label="gene")
+        if summary.gene_sets is not None:
+            summary.gene_sets.to_csv(out / "gene_sets.csv", index=False)
+        if settings.plots:
+            plots.loadings_map(summary.loadings, out / "loadings.png")
+        target_sum = float(getattr(model.config, "target_sum", 1e4))
+        mean = np.asarray(log_normalized(run.counts, target_sum).mean(axis=0)).ravel()
+        reference = {"method": "loadings", "top_k": settings.driver_genes, "target_sum": target_sum,
+                     "expression_mean": mean}
+        return {"method": "loadings", **summary.to_dict()}, reference
+    try:
+        latent_mean_function(model)
+    except InputError as exc:
+        return {"method": None, "reason": str(exc)}, {"method": None}
+    table = global_attributions(model, adata, settings.attribution_cells, settings.attribution_steps, settings.seed)
+    table.to_csv(out / "attributions.csv", index_label="gene")
+    top = top_attributed_genes(table, settings.top_genes)
+    report = {
+        "method": "integrated_gradients", "baseline": "zeros", "n_steps": settings.attribution_steps,
+        "n_cells": min(settings.attribution_cells, adata.n_obs),
+        "statistic": "mean |attribution| per gene and latent",
+        "top_genes": {factor: group["gene"].tolist() for factor, group in top.groupby("factor", sort=False)},
+    }
+    reference = {"method": "integrated_gradients", "top_k": settings.driver_genes,
+                 "n_steps": settings.attribution_steps}
+    return report, reference
+
+
+def _prior_report(run: _Run, n_cells: int, reference: LabelReference) -> dict[str, Any]:
+    """Prior draws on their own: their own selection (no permutations), pattern frequencies over the posterior
+    genes and, with labels, which labels their patterns transfer."""
+    settings, model = run.settings, run.model
+    prior = model.sample(n=n_cells, source="prior", seed=settings.seed + 1)
+    x = run.discretizer.genes_binary(prior.x)
+    h = run.discretizer.latents_binary(prior.z)
+    own = stepwise_select(x, h, settings.n_genes, settings.selection_model, settings.empty_cell,
+                          device=settings.device)
+    patterns = summarize_patterns(x, h, run.selected, n_top=settings.n_patterns).to_frame()
+    report: dict[str, Any] = {
+        "n_cells": n_cells,
+        "selection": _selection_records(own, model.genes),
+        "shared_genes": sorted(model.genes[g] for g in set(own.genes) & set(run.selected)),
+        "patterns": patterns[["pattern", "count"]].to_dict(orient="records"),
+    }
+    if run.labels is not None:
+        transferred = reference.transfer(_dense(x[:, run.selected]))["label"]
+        report["label_composition"] = transferred.value_counts(normalize=True).sort_index().to_dict()
+    return report
+
+
+def _sample_and_select(model: Any, adata: ad.AnnData, settings: ExplainSettings) -> _Run:
+    """Posterior draws, their discretisation and the step-wise selection (with p-values when asked)."""
+    counts = model_counts(adata, model.genes)
+    labels = _labels(adata, settings.label_key)
+    timings: dict[str, float] = {}
+    with _timed(timings, "sampling"):
+        posterior = model.sample(adata, source="posterior", draws=settings.draws, seed=settings.seed)
+        discretizer = _fit_discretizer(model, posterior.x, posterior.z, settings)
+        x = discretizer.genes_binary(posterior.x)
+        h = discretizer.latents_binary(posterior.z)
+    with _timed(timings, "selection"):
+        selection = stepwise_select(
+            x, h, settings.n_genes, settings.selection_model, settings.empty_cell, settings.permutations,
+            settings.alpha, settings.seed, settings.device, settings.n_jobs,
+        )
+    if not selection.genes:
+        raise ScdgmError(f"no gene passed alpha={settings.alpha} (first p-value {selection.stop_pvalue:.3g})")
+    return _Run(model, adata, settings, counts, labels, posterior, discretizer, x, h, selection, timings)
+
+
+def _dense(bits: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    return bits.toarray() if sp.issparse(bits) else np.asarray(bits)
+
+
+def _transfer(run: _Run, reference: LabelReference, out: Path) -> dict[str, Any]:
+    """Label transfer to the posterior draws (scored against their source cell's label), the real cells'
+    patterns and labels (cells.csv) and the confusion matrix; returns the report section."""
+    transferred = reference.transfer(_dense(run.x[:, run.selected]))
+    real = reference.transfer(reference.pattern_bits(run.counts))
+    cells = real[["pattern", "matched_pattern", "frequency"]].copy()
+    if run.labels is not None:
+        cells.insert(0, "label", real["label"])
+    cells.index = run.adata.obs_names
+    cells.to_csv(out / "cells.csv", index_label="cell")
+    section: dict[str, Any] = {"unseen_pattern_fraction": float((transferred["distance"] > 0).mean())}
+    if run.labels is None:
+        return section
+    truth = run.labels[run.posterior.cell_index]
+    accuracy = transfer_accuracy(transferred["label"], truth)
+    accuracy.confusion.to_csv(out / "confusion.csv")
+    sizes = pd.Series(run.labels).value_counts()
+    section.update(
+        accuracy=accuracy.overall,
+        per_class=accuracy.per_class.to_dict(),
+        class_sizes=sizes.sort_index().to_dict(),
+        majority_baseline=float(sizes.iloc[0] / sizes.sum()),
+    )
+    if run.settings.plots:
+        xy, _ = plots.project_2d(run.posterior.z)
+        plots.transfer_map(xy, truth, transferred["label"], out / "transfer.png")
+    return section
+
+
+def _stability(run: _Run, out: Path) -> list[dict[str, Any]]:
+    """Bootstrap selection frequencies of the genes (stability.csv); the report keeps the genes ever chosen."""
+    settings = run.settings
+    fractions = selection_stability(run.x, run.h, settings.n_genes, settings.stability_boot, settings.seed,
+                                    settings.selection_model, settings.empty_cell, settings.device)
+    table = pd.DataFrame({"gene": run.model.genes, "selected_fraction": fractions})
+    table = table.sort_values("selected_fraction", ascending=False, kind="stable")
+    table.to_csv(out / "stability.csv", index=False)
+    return table[table["selected_fraction"] > 0].head(3 * settings.n_genes).to_dict(orient="records")
+
+
+def _association(run: _Run, mean: np.ndarray, out: Path) -> dict[str, Any]:
+    """MI and ANOVA F of the latent means with obs columns; per label the latent that carries it."""
+    table = latent_association(mean, run.adata.obs, _association_columns(run.adata.obs), seed=run.settings.seed)
+    table.to_csv(out / "association.csv", index=False)
+    section: dict[str, Any] = {"association": table.to_dict(orient="records")}
+    if run.labels is not None:
+        carriers = label_latents(mean, run.labels)
+        carriers.to_csv(out / "label_latents.csv", index=False)
+        section["label_latents"] = carriers.to_dict(orient="records")
+    return section
+
+
+def _pattern_plots(run: _Run, patterns: PatternSummary, reference: LabelReference, mean: np.ndarray,
+                   out: Path) -> None:
+    """Latent means by label with density contours, the selection path and the pattern MDS map."""
+    colour = run.labels if run.labels is not None else np.full(run.adata.n_obs, "cells")
+    plots.latent_scatter(mean, colour, out / "latent.png", title=f"{run.model.kind} latent means")
+    plots.selection_path(run.gene_names, run.selection.g2, run.selection.pvalues, out / "selection.png")
+    bits = np.array([[int(c) for c in pattern] for pattern in patterns.patterns], dtype=np.uint8)
+    pattern_labels = reference.transfer(bits)["label"] if run.labels is not None else None
+    plots.pattern_map(patterns.coordinates, patterns.counts, patterns.patterns, out / "patterns.png", pattern_labels)
+
+
+def _reference_document(run: _Run, reference: LabelReference, mean: np.ndarray,
+                        drivers: dict[str, Any]) -> dict[str, Any]:
+    """reference.json: everything `Explainer` needs to explain new cells the way this run did."""
+    document = {
+        "format": REFERENCE_FORMAT,
+        "version": REFERENCE_VERSION,
+        "model_kind": run.model.kind,
+        "n_model_genes": len(run.model.genes),
+        "genes": run.gene_names,
+        "gene_indices": [int(g) for g in run.selected],
+        "discretizer": _selected_discretizer(run.discretizer, run.selected).to_dict(),
+        "label_key": run.settings.label_key if run.labels is not None else None,
+        "label_transfer": reference.to_dict(),
+        "latents": {"rule": run.discretizer.latent_rule, "thresholds": run.discretizer.latent_thresholds,
+                    "center": mean.mean(axis=0), "scale": mean.std(axis=0)},
+        "drivers": drivers,
+    }
+    if drivers.get("method") == "loadings":
+        document["loadings"] = _selected_loadings(run.model, run.selected, run.settings.top_genes)
+    return document
+
+
+def run_explanation(
+    model: Any, adata: ad.AnnData, out_dir: str | Path, settings: ExplainSettings | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Explain `model` on the cells of `adata` (genes aligned by name) and write the explanation folder.
+
+    Options come from `settings` with `overrides` applied (e.g. n_genes=8, draws=1, permutations=1000).
+    Returns the report that is also written as explanation.json, with the folder under 'directory'.
+    """
+    settings = dataclasses.replace(settings or ExplainSettings(), **overrides)
+    settings.check()
+    if not model.genes:
+        raise InputError(f"{model.kind}: the model has not been fitted")
+    if settings.n_genes > len(model.genes):
+        raise InputError(f"n_genes ({settings.n_genes}) exceeds the model's {len(model.genes)} genes")
+    run = _sample_and_select(model, adata, settings)
+    labels = run.labels if run.labels is not None else np.full(adata.n_obs, UNLABELLED)
+    reference = build_reference(run.counts, labels, run.discretizer, run.selected)
+    patterns = summarize_patterns(run.x, run.h, run.selected, n_top=settings.n_patterns)
+    mean = model.embed(adata).mean.astype(np.float64)
+
+    with atomic_directory(out_dir) as out:
+        report: dict[str, Any] = {
+            "format": EXPLANATION_FORMAT,
+            "version": 1,
+            "model": {"kind": model.kind, "n_latent": model.n_latent, "n_genes": len(model.genes),
+                      "output": model.output},
+            "data": {"n_cells": adata.n_obs, "n_draws": int(run.posterior.x.shape[0]),
+                     "label_key": settings.label_key if run.labels is not None else None},
+            "settings": dataclasses.asdict(settings),
+            "selection": _selection_records(run.selection, model.genes),
+            "stopped_early": run.selection.stopped_early,
+            "stop_pvalue": run.selection.stop_pvalue,
+            "patterns": patterns.to_frame().to_dict(orient="records"),
+        }
+        run.selection.to_frame(model.genes).to_csv(out / "selection.csv", index=False)
+        patterns.to_frame().to_csv(out / "patterns.csv", index=False)
+        with _timed(run.timings, "label_transfer"):
+            report["label_transfer"] = _transfer(run, reference, out)
+        if settings.stability_boot > 0:
+            with _timed(run.timings, "stability"):
+                report["stability"] = _stability(run, out)
+        prior_cells = adata.n_obs if settings.prior_cells is None else settings.prior_cells
+        if prior_cells > 0:
+            with _timed(run.timings, "prior"):
+                report["prior"] = _prior_report(run, prior_cells, reference)
+        with _timed(run.timings, "drivers"):
+            report["drivers"], drivers = _drivers(run, out)
+        with _timed(run.timings, "association"):
+            report.update(_association(run, mean, out))
+        if settings.plots:
+            with _timed(run.timings, "plots"):
+                _pattern_plots(run, patterns, reference, mean, out)
+        report["timings_seconds"] = run.timings
+        report["files"] = sorted(p.name for p in out.iterdir()) + ["explanation.json", REFERENCE_FILE]
+        _write_json(out / REFERENCE_FILE, _reference_document(run, reference, mean, drivers))
+        _write_json(out / "explanation.json", report)
+    report["directory"] = str(Path(out_dir))
+    return report
+
+
+def _selected_discretizer(discretizer: Discretizer, selected: list[int]) -> Discretizer:
+    """The rule restricted to the selected genes (what serving needs), in selection order."""
+    names = None if discretizer.genes is None else [discretizer.genes[g] for g in selected]
+    return dataclasses.replace(discretizer, gene_thresholds=discretizer.gene_thresholds[selected], genes=names)
+
+
+def _selected_loadings(model: Any, selected: list[int], n_top: int) -> dict[str, list[float]]:
+    """Loadings of the selected genes and of each factor's top genes (by |loading|), by gene name."""
+    from interpret.loadings import gene_importance
+
+    loadings = model.loadings()
+    names = [model.genes[g] for g in selected] + gene_importance(loadings).nlargest(n_top).index.tolist()
+    return {name: loadings.loc[name].astype(float).tolist() for name in dict.fromkeys(names)}
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(_plain(document), indent=2, allow_nan=False))
+
+
+def _plain(value: Any) -> Any:
+    """Plain JSON values: numpy scalars and arrays unpacked, NaN and infinities as null, keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

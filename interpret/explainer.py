@@ -1,0 +1,242 @@
+"""The runtime explainer behind serving and the MLflow pyfunc: load a model and its explanation once, then
+explain cells fast (everything that does not depend on the cell is prepared at load).
+
+For each cell: latent mean and variance; its 0/1 pattern over the explanation genes (real counts cut by the
+thresholds fitted on synthetic cells); the nearest reference pattern (Hamming), how many real cells had it, and
+the label transferred from them with its support; the latent that moves most from the average cell (in
+standard deviations) and the genes that drive the cell along it: for linear models each gene's term
+loading × (log expression − its mean over the explained cells) in the cell's projection on that factor (for
+PCA the gene's share of the factor score; standardising instead would let rarely detected genes dominate), for
+the others per-cell integrated gradients (zero baseline) of that latent's mean.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pipelines.errors import InputError, ScdgmError
+
+REFERENCE_FORMAT = "scdgm-explanation-reference"
+REFERENCE_VERSION = 1
+EXPLANATION_DIR = "explanation"
+REFERENCE_FILE = "reference.json"
+
+
+def log_normalized(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
+    """log1p(counts / library size × target_sum) per cell, kept sparse (what linear models' loadings read)."""
+    library = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1.0)
+    expression = sp.csr_matrix(counts.multiply((target_sum / library)[:, None]), dtype=np.float64)
+    expression.data = np.log1p(expression.data)
+    return expression
+
+
+@dataclass
+class CellExplanations:
+    """Columnar explanations of n cells (numpy arrays and lists; `records()` gives one plain dict per cell)."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    genes: list[str]
+    """The explanation genes, in selection order: position k of a pattern is gene k."""
+    patterns: list[str]
+    matched_patterns: list[str]
+    distance: np.ndarray
+    """Hamming distance from the cell's pattern to the matched reference pattern (0 when seen)."""
+    frequency: np.ndarray
+    """Real cells with the matched pattern when the explanation was made."""
+    labels: list[str] | None
+    support: np.ndarray | None
+    """Share of the matched pattern's real cells that carry the transferred label."""
+    dominant_latent: np.ndarray
+    driver_method: str | None
+    driver_genes: list[list[str]]
+    driver_scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per cell."""
+        return [
+            {
+                "latent_mean": self.mean[i].tolist(),
+                "latent_var": self.var[i].tolist(),
+                "pattern": self.patterns[i],
+                "matched_pattern": self.matched_patterns[i],
+                "pattern_distance": int(self.distance[i]),
+                "pattern_frequency": int(self.frequency[i]),
+                "label": None if self.labels is None else self.labels[i],
+                "label_support": None if self.support is None else float(self.support[i]),
+                "dominant_latent": int(self.dominant_latent[i]),
+                "drivers": [
+                    {"gene": gene, "score": float(score)}
+                    for gene, score in zip(self.driver_genes[i], self.driver_scores[i])
+                ],
+            }
+            for i in range(len(self))
+        ]
+
+
+class Explainer:
+    """A fitted model plus its explanation reference; `explain` maps counts (model gene order) to explanations."""
+
+    def __init__(self, model: Any, reference: dict[str, Any]) -> None:
+        from interpret.label_transfer import LabelReference
+
+        if reference.get("format") != REFERENCE_FORMAT or reference.get("version") != REFERENCE_VERSION:
+            raise ScdgmError(f"not a {REFERENCE_FORMAT} v{REFERENCE_VERSION} document")
+        self.model = model
+        self.reference = reference
+        self.genes: list[str] = list(model.genes)
+        self.patterns = LabelReference.from_dict(reference["label_transfer"])
+        names = [self.genes[i] for i in self.patterns.genes]
+        if names != reference["genes"]:
+            raise ScdgmError("the explanation was made for another model: its genes do not match the model's")
+        self.label_key: str | None = reference.get("label_key")
+        latents = reference["latents"]
+        self.latent_center = np.asarray(latents["center"], dtype=np.float64)
+        self.latent_scale = np.maximum(np.asarray(latents["scale"], dtype=np.float64), 1e-12)
+        self.drivers = dict(reference["drivers"])
+        self.top_k = int(self.drivers.get("top_k", 10))
+        self._prepare_drivers()
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Explainer:
+        """Read the model directory and its explanation/reference.json (written by `scdgm explain`)."""
+        from models import load_model
+
+        model_dir = Path(model_dir)
+        path = model_dir / EXPLANATION_DIR / REFERENCE_FILE
+        if not path.is_file():
+            raise ScdgmError(f"{model_dir}: the model has no explanation (no {path}); run `scdgm explain` first")
+        try:
+            reference = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ScdgmError(f"{path}: unreadable explanation reference ({exc})") from None
+        return cls(load_model(str(model_dir)), reference)
+
+    def _prepare_drivers(self) -> None:
+        """Everything per-model the drivers need: the encoder function, or loadings and gene scales."""
+        from interpret.attributions import latent_mean_function
+
+        module = getattr(self.model, "module", None)
+        self._module = module if module is not None and callable(getattr(module, "encode", None)) else None
+        self._attributed = None
+        method = self.drivers.get("method")
+        if method == "loadings":
+            self._loadings = self.model.loadings().to_numpy(dtype=np.float64)
+            self._expression_mean = np.asarray(self.drivers["expression_mean"], dtype=np.float64)
+        elif method == "integrated_gradients":
+            self._attributed = latent_mean_function(self.model)
+
+    def _batch_codes(self, batch: Sequence[str] | None, n: int) -> np.ndarray | None:
+        """Codes of the cells' batch labels for models trained with a batch covariate."""
+        key = getattr(self.model.config, "batch_key", None)
+        if key is None:
+            return None
+        if batch is None or len(batch) != n:
+            raise InputError(f"this model was trained with batch_key {key!r}: give one batch label per cell")
+        position = {c: i for i, c in enumerate(self.model.batch_categories)}
+        unknown = sorted({str(b) for b in batch} - set(position))
+        if unknown:
+            raise InputError(f"unknown {key} value(s) {', '.join(unknown[:5])}; the model knows {list(position)}")
+        return np.array([position[str(b)] for b in batch], dtype=np.int64)
+
+    def _check(self, counts: Any) -> sp.csr_matrix:
+        """The counts as float32 CSR, with one line naming what is wrong when they cannot be explained."""
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+        if counts.ndim != 2 or counts.shape[1] != len(self.genes):
+            raise InputError(f"expected cells × {len(self.genes)} counts in the model's gene order, got {counts.shape}")
+        if counts.shape[0] == 0:
+            raise InputError("no cells to explain")
+        if counts.nnz and (not np.isfinite(counts.data).all() or (counts.data < 0).any()):
+            raise InputError("counts must be finite and non-negative")
+        return counts
+
+    def explain(self, counts: Any, batch: Sequence[str] | None = None) -> CellExplanations:
+        """Explain cells given as counts (cells × model genes, in `self.genes` order; sparse or dense)."""
+        counts = self._check(counts)
+        codes = self._batch_codes(batch, counts.shape[0])
+        if self._module is not None:
+            mean, var, attributions = self._encode(counts, codes)
+        else:
+            embedding = self.model.embed(self._anndata(counts, batch))
+            mean, var, attributions = embedding.mean, embedding.var, None
+        dominant = self.dominant_latent(mean)
+        if self.drivers.get("method") == "integrated_gradients":
+            scores = attributions
+        elif self.drivers.get("method") == "loadings":
+            scores = self._loading_scores(counts, dominant)
+        else:
+            scores = None
+        transfer = self.patterns.transfer(self.patterns.pattern_bits(counts))
+        driver_genes, driver_scores = self._top_drivers(scores, counts.shape[0])
+        return CellExplanations(
+            mean=mean, var=var, genes=list(self.reference["genes"]),
+            patterns=transfer["pattern"].tolist(), matched_patterns=transfer["matched_pattern"].tolist(),
+            distance=transfer["distance"].to_numpy(), frequency=transfer["frequency"].to_numpy(),
+            labels=transfer["label"].tolist() if self.label_key else None,
+            support=transfer["support"].to_numpy() if self.label_key else None,
+            dominant_latent=dominant, driver_method=self.drivers.get("method"),
+            driver_genes=driver_genes, driver_scores=driver_scores,
+        )
+
+    def dominant_latent(self, mean: np.ndarray) -> np.ndarray:
+        """Per cell, the latent farthest from the average cell, in standard deviations of the explained cells."""
+        return np.abs((mean - self.latent_center) / self.latent_scale).argmax(axis=1)
+
+    def _anndata(self, counts: sp.csr_matrix, batch: Sequence[str] | None) -> Any:
+        """The counts as AnnData for models explained through `embed` (no torch encoder)."""
+        import anndata as ad
+        import pandas as pd
+
+        obs = None
+        key = getattr(self.model.config, "batch_key", None)
+        if key is not None:
+            obs = pd.DataFrame({key: list(batch)}, index=[str(i) for i in range(counts.shape[0])])
+        return ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=self.genes))
+
+    def _encode(
+        self, counts: sp.csr_matrix, codes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Latent mean/var through the encoder and, if asked, attributions of each cell's dominant latent."""
+        from interpret.attributions import integrated_gradients
+        from models.data import CountBatches
+
+        device = self.model.device
+        means, variances, attributions = [], [], []
+        for batch in CountBatches(counts, batch_codes=codes, batch_size=1024, device=device):
+            with torch.no_grad():
+                mean, var = self._module.encode(batch)
+            means.append(mean.cpu().numpy())
+            variances.append(var.cpu().numpy())
+            if self._attributed is not None:
+                targets = torch.as_tensor(self.dominant_latent(means[-1]), device=device)
+                values = integrated_gradients(self._attributed, batch.x, targets, batch.batch_index,
+                                              int(self.drivers.get("n_steps", 16)))
+                attributions.append(values.cpu().numpy())
+        scores = np.concatenate(attributions) if attributions else None
+        return np.concatenate(means), np.concatenate(variances), scores
+
+    def _loading_scores(self, counts: sp.csr_matrix, dominant: np.ndarray) -> np.ndarray:
+        """loading(gene, dominant factor) × centred log-normalised expression, per cell and gene."""
+        expression = log_normalized(counts, float(self.drivers["target_sum"])).toarray()
+        return (expression - self._expression_mean) * self._loadings[:, dominant].T
+
+    def _top_drivers(self, scores: np.ndarray | None, n: int) -> tuple[list[list[str]], np.ndarray]:
+        """The top-k genes by |score| per cell and their signed scores (empty without a driver method)."""
+        if scores is None:
+            return [[] for _ in range(n)], np.zeros((n, 0))
+        k = min(self.top_k, scores.shape[1])
+        top = np.argpartition(-np.abs(scores), k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(-np.abs(scores), top, axis=1).argsort(axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        genes = np.asarray(self.genes, dtype=object)[top]
+        return [list(row) for row in genes], np.take_along_axis(scores, top, axis=1)

@@ -1,0 +1,134 @@
+"""Reading linear models (LDVAE, PCA) through their gene loadings: top genes per factor and sign, variance
+explained per factor, and gene-set scores (is a set's genes' loading larger than the other genes'?)."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from pipelines.errors import InputError
+
+
+def has_loadings(model: Any) -> bool:
+    """True for linear models, which expose `loadings()` (genes x factors) and `variance_explained()`."""
+    return callable(getattr(model, "loadings", None))
+
+
+def model_loadings(model: Any) -> pd.DataFrame:
+    """The model's genes x factors loadings with string factor names; a clear error for non-linear models."""
+    if not has_loadings(model):
+        raise InputError(f"{getattr(model, 'kind', type(model).__name__)} is not a linear model: it has no loadings")
+    loadings = model.loadings().copy()
+    loadings.columns = [str(c) for c in loadings.columns]
+    return loadings
+
+
+def variance_explained(model: Any, adata: ad.AnnData | None = None) -> pd.DataFrame:
+    """Fraction of variance explained per factor (columns factor, variance_explained), in factor order.
+
+    Models whose figure depends on cells (LDVAE: variance of the decoder's predictor) are given `adata`.
+    """
+    loadings = model_loadings(model)
+    needs_cells = bool(inspect.signature(model.variance_explained).parameters)
+    if needs_cells and adata is None:
+        raise InputError(f"{model.kind}: variance explained needs the cells (adata)")
+    shares = model.variance_explained(adata) if needs_cells else model.variance_explained()
+    values = np.asarray(shares, dtype=float).ravel()
+    if values.size != loadings.shape[1]:
+        raise InputError(f"{values.size} variance figures for {loadings.shape[1]} factors")
+    return pd.DataFrame({"factor": loadings.columns, "variance_explained": values})
+
+
+def top_genes(table: pd.DataFrame, n: int = 10, value: str = "loading") -> pd.DataFrame:
+    """Per factor (column of a genes x factors table) and sign, the `n` genes with the largest |value|:
+    columns factor, sign, rank, gene and `value`."""
+    rows = []
+    for factor in table.columns:
+        column = table[factor]
+        for sign, ordered in (("+", column.sort_values(ascending=False)), ("-", column.sort_values())):
+            kept = ordered[(ordered > 0) if sign == "+" else (ordered < 0)].head(n)
+            rows.extend(
+                {"factor": str(factor), "sign": sign, "rank": rank, "gene": str(gene), value: float(number)}
+                for rank, (gene, number) in enumerate(kept.items(), start=1)
+            )
+    return pd.DataFrame(rows, columns=["factor", "sign", "rank", "gene", value])
+
+
+def gene_importance(loadings: pd.DataFrame) -> pd.Series:
+    """Per gene, its largest |loading| over all factors: how strongly any factor uses the gene."""
+    return loadings.abs().max(axis=1).rename("max_abs_loading")
+
+
+def gene_set_scores(
+    loadings: pd.DataFrame, gene_sets: Mapping[str, Sequence[str]], min_size: int = 3
+) -> pd.DataFrame:
+    """Score each gene set by its genes' max |loading| (mean, median) and a one-sided Mann-Whitney U test
+    of set genes against all other genes (H1: larger); BH-adjusted q-values; best sets first.
+
+    Sets with fewer than `min_size` genes in the model are reported with NaN statistics.
+    """
+    importance = gene_importance(loadings)
+    in_model = set(importance.index)
+    rows = []
+    for name, genes in gene_sets.items():
+        members = [g for g in dict.fromkeys(genes) if g in in_model]
+        row: dict[str, Any] = {"gene_set": name, "n_genes": len(members), "n_missing": len(set(genes)) - len(members)}
+        values = importance.loc[members].to_numpy()
+        others = importance.drop(index=members).to_numpy()
+        if len(members) >= min_size and others.size:
+            test = stats.mannwhitneyu(values, others, alternative="greater")
+            row.update(mean=float(values.mean()), median=float(np.median(values)),
+                       u_statistic=float(test.statistic), p_value=float(test.pvalue))
+        else:
+            row.update(mean=np.nan, median=np.nan, u_statistic=np.nan, p_value=np.nan)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["gene_set", "n_genes", "n_missing", "mean", "median", "u_statistic", "p_value"])
+    tested = table["p_value"].notna()
+    table["q_value"] = np.nan
+    if tested.any():
+        table.loc[tested, "q_value"] = stats.false_discovery_control(table.loc[tested, "p_value"].to_numpy())
+    return table.sort_values(["p_value", "gene_set"], na_position="last").reset_index(drop=True)
+
+
+@dataclass
+class LoadingsSummary:
+    """Everything the explanation reports for a linear model."""
+
+    loadings: pd.DataFrame
+    top_genes: pd.DataFrame
+    variance: pd.DataFrame
+    gene_sets: pd.DataFrame | None
+
+    def to_dict(self, n_sets: int = 10) -> dict[str, Any]:
+        """JSON-ready summary: top genes per factor and sign, variance explained, best gene sets."""
+        top = {
+            f"{factor}{sign}": group["gene"].tolist()
+            for (factor, sign), group in self.top_genes.groupby(["factor", "sign"], sort=False)
+        }
+        summary: dict[str, Any] = {
+            "top_genes": top,
+            "variance_explained": dict(zip(self.variance["factor"], self.variance["variance_explained"].astype(float))),
+        }
+        if self.gene_sets is not None:
+            best = self.gene_sets.dropna(subset=["p_value"]).head(n_sets)
+            summary["gene_sets"] = best.to_dict(orient="records")
+        return summary
+
+
+def summarize_loadings(
+    model: Any,
+    adata: ad.AnnData | None = None,
+    gene_sets: Mapping[str, Sequence[str]] | None = None,
+    n_top: int = 10,
+    min_size: int = 3,
+) -> LoadingsSummary:
+    """Loadings, top genes per factor and sign, variance explained and (given sets) gene-set scores."""
+    loadings = model_loadings(model)
+    scores = gene_set_scores(loadings, gene_sets, min_size) if gene_sets else None
+    return LoadingsSummary(loadings, top_genes(loadings, n_top), variance_explained(model, adata), scores)

@@ -1,0 +1,57 @@
+"""`scdgm explain`: the log-linear explanation of a trained model on prepared cells, written next to the model
+(or where --out says) and summarised on the terminal."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.errors import ScdgmError
+
+
+def explain_command(
+    model: Annotated[Path, typer.Option("--model", help="Model directory written by `scdgm train`.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared cells (.h5ad) with the model's genes.")],
+    n_genes: Annotated[int | None, typer.Option(min=1, help="Genes to select (default: params.yaml explain.n_genes).")] = None,
+    draws: Annotated[int | None, typer.Option(min=1, help="Posterior draws per cell (default: explain.draws).")] = None,
+    permutations: Annotated[int | None, typer.Option(min=0, help="Permutations per step for p-values (default: explain.permutations).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: MODEL/explanation).")] = None,
+    params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set explain.alpha=0.05.")] = None,
+) -> None:
+    """Explain a trained model: genes that form patterns with its latents, p-values, label transfer, plots."""
+    from interpret.explain import ExplainSettings, run_explanation
+    from interpret.explainer import EXPLANATION_DIR
+    from models import load_model
+    from pipelines.config import apply_overrides, load_params
+    from pipelines.io import read_counts
+
+    if params is not None and not params.is_file():
+        raise ScdgmError(f"params file not found: {params}")
+    config = apply_overrides(load_params(params), overrides)
+    section: dict[str, Any] = dict(config.get("explain") or {})
+    section.setdefault("seed", int(config.get("seed", 0)))
+    for key, value in {"n_genes": n_genes, "draws": draws, "permutations": permutations}.items():
+        if value is not None:
+            section[key] = value
+    settings = ExplainSettings.from_params(section)
+    if not model.is_dir():
+        raise ScdgmError(f"model directory not found: {model}")
+    fitted = load_model(str(model))
+    adata = read_counts(data)
+    report = run_explanation(fitted, adata, out or model / EXPLANATION_DIR, settings)
+    typer.echo(summary(report))
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines: the selected genes with G² and p-values, and label-transfer accuracy."""
+    lines = [f"wrote {report['directory']}: {report['model']['kind']} explained on {report['data']['n_cells']} cells"]
+    for step in report["selection"]:
+        pvalue = "" if step["pvalue"] is None else f"  p={step['pvalue']:.3g}"
+        lines.append(f"  {step['step']:>2}. {step['gene']:<14} latent {step['latent']}  G2={step['g2']:.1f}{pvalue}")
+    transfer = report["label_transfer"]
+    if "accuracy" in transfer:
+        per_class = ", ".join(f"{name} {value:.2f}" for name, value in transfer["per_class"].items())
+        lines.append(f"label transfer accuracy {transfer['accuracy']:.3f} ({per_class})")
+    return "\n".join(lines)

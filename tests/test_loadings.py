@@ -1,0 +1,96 @@
+"""Loadings of a linear model trained on planted gene programs: top genes, variance, gene-set scores."""
+import numpy as np
+import pytest
+
+import models
+from interpret.genesets import immune_gene_sets, read_gmt
+from interpret.loadings import gene_set_scores, model_loadings, summarize_loadings, top_genes, variance_explained
+from pipelines.errors import InputError
+from pipelines.simulate import simulate_programs
+
+N_PROGRAMS = 5
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    adata = simulate_programs(600, 200, n_types=4, n_programs=N_PROGRAMS, genes_per_program=15, seed=1)
+    model = models.create_model("pca", {"n_latent": 6, "device": "cpu"})
+    model.fit(adata)
+    return model, adata
+
+
+def _write_gmt(adata, path):
+    """Planted programs plus random sets of background genes of the same size, as a GMT file."""
+    rng = np.random.default_rng(0)
+    background = adata.var_names[adata.var["program"] == -1]
+    lines = [
+        f"program_{k}\tplanted\t" + "\t".join(adata.var_names[adata.var["program"] == k]) for k in range(N_PROGRAMS)
+    ]
+    lines += [f"random_{r}\tbackground\t" + "\t".join(rng.choice(background, 15, replace=False)) for r in range(5)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_planted_programs_score_highest(fitted, tmp_path):
+    model, adata = fitted
+    sets = read_gmt(_write_gmt(adata, tmp_path / "planted.gmt"))
+    summary = summarize_loadings(model, adata, sets, n_top=5)
+    table = summary.gene_sets
+    assert set(table["gene_set"].head(N_PROGRAMS)) == {f"program_{k}" for k in range(N_PROGRAMS)}
+    planted = table[table["gene_set"].str.startswith("program")]
+    assert (planted["q_value"] < 0.01).all()
+    assert planted["p_value"].max() < table.loc[table["gene_set"].str.startswith("random"), "p_value"].min()
+    variance = summary.variance["variance_explained"]
+    assert len(variance) == model.n_latent and (variance > 0).all() and variance.sum() <= 1.0
+    document = summary.to_dict()
+    assert document["gene_sets"][0]["gene_set"].startswith("program")
+    assert len(document["top_genes"]) <= 2 * model.n_latent
+
+
+def test_top_genes_per_factor_and_sign(fitted):
+    model, _ = fitted
+    loadings = model.loadings()
+    top = top_genes(loadings, 4)
+    first = top[(top["factor"] == loadings.columns[0]) & (top["sign"] == "+")]
+    expected = loadings.iloc[:, 0].sort_values(ascending=False).head(4)
+    assert first["gene"].tolist() == expected.index.tolist()
+    negative = top[top["sign"] == "-"]
+    assert (negative["loading"] < 0).all()
+    assert top.groupby(["factor", "sign"]).size().max() <= 4
+
+
+def test_small_or_absent_sets_are_reported_untested(fitted):
+    model, _ = fitted
+    table = gene_set_scores(model.loadings(), {"tiny": ["gene_001", "not_a_gene"], "absent": ["XYZ"]}, min_size=3)
+    assert table["p_value"].isna().all()
+    assert dict(zip(table["gene_set"], table["n_missing"])) == {"tiny": 1, "absent": 1}
+
+
+def test_gmt_reading_and_bundled_sets(tmp_path):
+    sets = immune_gene_sets()
+    assert {"T_CELL", "B_CELL", "NK_CELL", "MONOCYTE_CD14", "PLATELET", "RIBOSOMAL"} <= set(sets)
+    assert "MS4A1" in sets["B_CELL"] and all(len(genes) >= 5 for genes in sets.values())
+    bad = tmp_path / "bad.gmt"
+    bad.write_text("only_a_name\n")
+    with pytest.raises(InputError, match="bad.gmt:1"):
+        read_gmt(bad)
+    with pytest.raises(InputError, match="not found"):
+        read_gmt(tmp_path / "missing.gmt")
+
+
+def test_non_linear_model_has_no_loadings():
+    with pytest.raises(InputError, match="not a linear model"):
+        model_loadings(models.create_model("vae", {}))
+
+
+def test_ldvae_variance_is_measured_on_cells():
+    adata = simulate_programs(300, 100, n_types=3, n_programs=3, genes_per_program=10, seed=4)
+    model = models.create_model(
+        "ldvae", {"n_latent": 3, "n_hidden": 32, "max_epochs": 5, "device": "cpu", "progress": False}
+    )
+    model.fit(adata)
+    summary = summarize_loadings(model, adata, n_top=3)
+    assert summary.variance.shape == (3, 2) and (summary.variance["variance_explained"] >= 0).all()
+    assert summary.loadings.shape == (100, 3) and summary.gene_sets is None
+    with pytest.raises(InputError, match="needs the cells"):
+        variance_explained(model)
