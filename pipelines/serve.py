@@ -1,0 +1,70 @@
+"""`scdgm serve`: the HTTP endpoint for a model (directory, registry alias/version or run), with uvicorn
+(one process, or N worker processes) or as a Ray Serve deployment with R replicas.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_command(
+    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model directory.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes, each with its own copy of the model.")] = 1,
+    token_file: Annotated[Path | None, typer.Option(help="File holding a bearer token that /v1/* then require.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray Serve deployment instead of plain uvicorn.")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray).")] = 1,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs per Ray Serve replica.")] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(help="GPUs per Ray Serve replica.")] = 0.0,
+    max_cells: Annotated[int, typer.Option(help="Most cells in one request (more: HTTP 413).")] = 10_000,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MB (more: HTTP 413).")] = 64.0,
+    max_missing_fraction: Annotated[float, typer.Option(help="Largest share of model genes a request may lack (more: 422).")] = 0.1,
+    allow_non_integer: Annotated[bool, typer.Option(help="Accept non-integer counts.")] = False,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); CORS is off without it.")] = None,
+    torch_threads: Annotated[int, typer.Option(help="torch threads per process or replica.")] = 1,
+    access_log: Annotated[bool, typer.Option(help="JSON-lines access log on stderr.")] = True,
+) -> None:
+    """Serve latent embeddings and log-linear explanations of new cells over HTTP (docs at /docs)."""
+    from serving.settings import SETTINGS_ENV, ServeSettings
+
+    settings = ServeSettings(
+        model_uri=model_uri, host=host, port=port, workers=workers,
+        token_file=str(token_file.resolve()) if token_file else None,
+        ray=ray, replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+        max_cells=max_cells, max_body_mb=max_body_mb, max_missing_fraction=max_missing_fraction,
+        allow_non_integer=allow_non_integer, cors_origins=tuple(cors_origin or ()),
+        torch_threads=torch_threads, access_log=access_log,
+    ).validate()
+    from serving.resolve import resolve_model
+
+    resolve_model(settings.model_uri)  # a bad URI fails here fast, before torch is imported; fills the cache
+    if host not in LOOPBACK and token_file is None:
+        typer.echo(f"warning: listening on {host} without --token-file: anyone who reaches it can use the model", err=True)
+    from serving.service import ModelService
+
+    service = ModelService.load(settings)  # loading errors are one line too, before anything listens
+    if ray:
+        from serving import ray_deployment
+
+        del service  # each replica loads its own copy
+        typer.echo(f"scdgm: Ray Serve with {replicas} replica(s) on http://{host}:{port} (Ctrl-C stops)", err=True)
+        ray_deployment.serve_forever(settings)
+        return
+
+    import uvicorn
+
+    options = {"host": host, "port": port, "access_log": False, "log_level": "info", "timeout_graceful_shutdown": 10}
+    if workers == 1:
+        from serving.app import create_app
+
+        uvicorn.run(create_app(settings, service), **options)
+        return
+    del service  # each worker process loads its own copy
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    uvicorn.run("serving.app:app_from_environment", factory=True, workers=workers, **options)
