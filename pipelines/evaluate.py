@@ -1,0 +1,151 @@
+"""`scdgm evaluate`: held-out metrics of a model directory, written where DVC looks for them.
+
+- `--out` (reports/metrics.json): the test metrics, and the explanation's summary numbers when the model has
+  one (label-transfer accuracy, its majority baseline, unseen pattern fraction) — for `dvc metrics show/diff`;
+- `--history` (reports/history.csv): the per-epoch losses and learning rate — for `dvc plots show`;
+- `--figures` (reports/figures/): loss curves and the test cells' latent space as PNG.
+
+When the model was trained as an MLflow run (its mlflow_run.json), the metrics (prefixed `<split>_`) and the
+figures are added to that run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pipelines import tracking
+from pipelines.errors import ScdgmError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from models.base import GenerativeModel
+
+REPORTS = Path("reports")
+LOSS_PREFIXES = ("train_", "validation_")
+SUMMARY_KEYS = {
+    "accuracy": "label_transfer_accuracy",
+    "majority_baseline": "label_transfer_majority_baseline",
+    "unseen_pattern_fraction": "unseen_pattern_fraction",
+}
+"""explanation.json's label-transfer numbers (its label_transfer section, or top level) and their metric names."""
+
+
+def explanation_summary(folder: Path | None) -> dict[str, float]:
+    """The headline numbers of the explanation in `folder` (none without one)."""
+    path = folder / "explanation.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    transfer = report.get("label_transfer") or {}
+    summary = {"selected_genes": float(len(report.get("selection") or []))}
+    for key, name in SUMMARY_KEYS.items():
+        value = transfer.get(key, report.get(key))
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            summary[name] = float(value)
+    return summary
+
+
+def history_frame(model: GenerativeModel) -> pd.DataFrame:
+    """Per-epoch metrics of the model's training (epoch, losses on train and validation, lr)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(model.history.epochs)
+    if frame.empty:
+        return pd.DataFrame({"epoch": []})
+    columns = ["epoch"] + sorted(c for c in frame.columns if c.startswith(LOSS_PREFIXES)) + ["lr"]
+    return frame[[c for c in columns if c in frame.columns]]
+
+
+def loss_figure(history: pd.DataFrame, path: Path, title: str) -> Path:
+    """Training and validation loss per epoch (the total loss; other terms are in the history CSV)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for column in ("train_loss", "validation_loss"):
+        if column in history:
+            axes.plot(history["epoch"], history[column], label=column)
+    axes.set(xlabel="epoch", ylabel="loss", title=title)
+    axes.legend(frameon=False)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def evaluate(
+    model_dir: Path,
+    data: Path,
+    split: str,
+    out: Path,
+    history: Path | None,
+    figures: Path | None,
+    explanation: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model_dir` on the cells of `split` and write the metrics, history and figures; `explanation`
+    (default: the model's own explanation/) adds its summary."""
+    from interpret.plots import latent_scatter
+    from models import load_model
+    from models.data import split_mask
+    from pipelines.io import read_counts
+    from pipelines.pyfunc import explanation_folder
+
+    if not (model_dir / "config.json").is_file():
+        raise ScdgmError(f"{model_dir}: not a model directory (no config.json)")
+    model = load_model(str(model_dir))
+    adata = read_counts(data)
+    cells = split_mask(adata, split)
+    if not cells.any():
+        raise ScdgmError(f"{data}: no cells in split {split!r}")
+    metrics = model.evaluate(adata, split)
+    document: dict[str, Any] = {split: metrics, "n_cells": int(cells.sum())}
+    summary = explanation_summary(explanation_folder(model_dir, explanation))
+    if summary:
+        document["explanation"] = summary
+    tracking.write_text_atomic(out, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    written = [out]
+    frame = history_frame(model)
+    if history is not None:
+        written.append(tracking.write_text_atomic(history, frame.to_csv(index=False)))
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        written.append(loss_figure(frame, figures / "loss.png", f"{model.kind} training"))
+        heldout = adata[cells]
+        labels = heldout.obs["cell_type"].astype(str).to_numpy() if "cell_type" in heldout.obs else ["cells"] * heldout.n_obs
+        written.append(
+            latent_scatter(model.embed(heldout).mean, labels, figures / "latent_test.png", title=f"{model.kind}: {split} cells")
+        )
+    if (model_dir / tracking.RUN_RECORD).is_file():
+        _log_to_run(model_dir, {f"{split}_{k}": v for k, v in metrics.items()} | summary, written)
+    return document
+
+
+def _log_to_run(model_dir: Path, metrics: dict[str, float], files: list[Path]) -> None:
+    """Add the evaluation to the MLflow run that trained the model."""
+    record = tracking.RunRecord.read(model_dir)
+    tracking.ensure_reachable(record.tracking_uri)
+    mlflow_client = tracking.client(record.tracking_uri)
+    tracking.log_metrics(mlflow_client, record.run_id, metrics)
+    for path in files:
+        mlflow_client.log_artifact(record.run_id, str(path), artifact_path="evaluation")
+
+
+def evaluate_command(
+    model: Annotated[Path, typer.Option("--model", help="Model directory written by `scdgm train`.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared cells (.h5ad) with obs['split'].")],
+    split: Annotated[str, typer.Option(help="Cells to evaluate on (obs['split']).")] = "test",
+    out: Annotated[Path, typer.Option(help="Metrics JSON (for `dvc metrics show`).")] = REPORTS / "metrics.json",
+    history: Annotated[Path | None, typer.Option(help="Per-epoch history CSV (for `dvc plots show`).")] = REPORTS / "history.csv",
+    figures: Annotated[Path | None, typer.Option(help="Folder for the loss and latent-space figures.")] = REPORTS / "figures",
+    explanation: Annotated[Path | None, typer.Option(help="Explanation folder (default: MODEL/explanation when present).")] = None,
+) -> None:
+    """Evaluate a trained model on held-out cells; write metrics, history and figures for DVC and MLflow."""
+    document = evaluate(model, data, split, out, history, figures, explanation)
+    shown = {k: v for k, v in document[split].items() if k in ("nll_elbo", "knn_accuracy", "silhouette", "mmd_prior")}
+    shown |= {k: v for k, v in document.get("explanation", {}).items() if k == "label_transfer_accuracy"}
+    typer.echo(f"wrote {out}: {document['n_cells']} {split} cells; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -1,0 +1,673 @@
+"""The sweep machinery behind `scdgm tune`: Optuna's TPE proposes configurations (study kept in SQLite or
+PostgreSQL), Ray Tune runs them as trials on this machine or a Ray cluster, ASHA prunes trials from their
+per-epoch validation loss, and every trial is a nested MLflow run under one sweep run. Afterwards the best
+configuration of each model is refitted and logged as the sweep's model, with Optuna's plots, a comparison
+table and the best parameters (for `scdgm train`).
+
+Resuming: finished and failed trials are kept as they are (a failed trial, e.g. a diverged one, would fail
+again, so it is not restarted); trials that were running when the sweep was interrupted start over from
+epoch 0 with the same configuration and seed, in a fresh MLflow run that replaces the interrupted one. A
+trial that finished in the instant before the interruption, before Ray recorded it, is not trained again:
+it replays its recorded per-epoch metrics to Ray Tune and keeps its MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+from ray.tune.search.optuna import OptunaSearch
+
+from pipelines import tracking
+from pipelines.errors import ScdgmError
+from pipelines.tune import SweepSettings
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import pandas as pd
+
+SWEEP_RECORD = "sweep.json"
+"""File in the sweep's Ray folder naming its parent MLflow run, so --resume continues the same run."""
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, fit for tags and messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: nothing to hide
+        return url
+
+
+@dataclass
+class SearchSpace:
+    """Optuna define-by-run space of one model; picklable, so Ray can checkpoint the searcher. Every trial
+    also gets its own seed, `seed + Optuna trial number`: trials differ, and a refit reproduces a trial."""
+
+    space: dict[str, Any]
+    seed: int
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        fixed: dict[str, Any] = {"seed": self.seed + trial.number}
+        for name, entry in self.space.items():
+            if not isinstance(entry, list):
+                fixed[name] = entry
+            elif entry[0] == "choice":
+                trial.suggest_categorical(name, entry[1:])
+            elif entry[0] in ("int", "logint"):
+                trial.suggest_int(name, int(entry[1]), int(entry[2]), log=entry[0] == "logint")
+            else:
+                trial.suggest_float(name, float(entry[1]), float(entry[2]), log=entry[0] == "loguniform")
+        return fixed
+
+
+# --- the trial ----------------------------------------------------------------------------------------
+@dataclass
+class TrialSetup:
+    """What every trial of one model needs besides its configuration; sent once through Ray's object store."""
+
+    kind: str
+    data: str
+    fixed: dict[str, Any]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep: str
+    lineage: tracking.DataLineage
+    tags: dict[str, str]
+    threads: int
+
+
+def trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> tuple[Any, list[Any]]:
+    """(client, MLflow runs of Ray trial `trial_id` under sweep run `parent_run_id`), deleted runs excluded."""
+    mlflow_client = tracking.client(tracking_uri)
+    runs = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{tracking.TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+    )
+    return mlflow_client, runs
+
+
+def recorded_epochs(mlflow_client: Any, run: Any) -> list[dict[str, float]]:
+    """The per-epoch metrics (losses, lr) a trial run logged, epoch by epoch."""
+    keys = [k for k in run.data.metrics if k.startswith(tracking.EPOCH_METRIC_PREFIXES) or k == "lr"]
+    epochs: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for metric in mlflow_client.get_metric_history(run.info.run_id, key):
+            epochs.setdefault(metric.step, {})[key] = metric.value
+    return [epochs[step] for step in sorted(epochs)]
+
+
+class TrialPruned(Exception):
+    """Ray stopped the trial (ASHA pruned it): training ends at once, without the final evaluation."""
+
+
+def report_to_tune(epoch: int, metrics: dict[str, float]) -> None:
+    """Epoch callback reporting to Ray Tune; Ray answers a stop decision with SystemExit inside
+    `tune.report`, which becomes TrialPruned so the trial can close its run before exiting."""
+    try:
+        tune.report(dict(metrics))
+    except SystemExit:
+        raise TrialPruned(f"pruned after epoch {epoch + 1}") from None
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One Ray Tune trial: load the data by path, train with a per-epoch `tune.report` (ASHA prunes by it)
+    and per-epoch MLflow logging, then log the final metrics. The run ends FINISHED (tagged
+    `scdgm.pruned`), or FAILED when training raises (e.g. TrainingDiverged), which also fails the trial."""
+    import anndata as ad
+    import torch
+
+    from pipelines.train import train_model
+
+    torch.set_num_threads(max(1, setup.threads))
+    trial_id = tune.get_context().get_trial_id()
+    mlflow_client, earlier = trial_runs(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, trial_id)
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    if finished:  # it ended just before an interruption, unnoticed by Ray: replay it rather than train again
+        for metrics in recorded_epochs(mlflow_client, finished[0]):
+            tune.report(metrics)
+        return
+    for run in earlier:  # an attempt interrupted with the sweep: it starts over
+        mlflow_client.delete_run(run.info.run_id)
+    params = {**setup.fixed, **config}
+    tags = {
+        **setup.tags,
+        "ray.node_ip": ray.util.get_node_ip_address(),
+        "ray.node_id": ray.get_runtime_context().get_node_id(),
+        tracking.TAG_ROLE: "trial",
+        tracking.TAG_TRIAL: trial_id,
+        tracking.TAG_SWEEP: setup.sweep,
+    }
+    adata = ad.read_h5ad(setup.data)
+    with tracking.training_run(
+        setup.kind,
+        params,
+        setup.lineage,
+        run_name=f"{setup.sweep}-{setup.kind}-{trial_id}",
+        parent_run_id=setup.parent_run_id,
+        tags=tags,
+        uri=setup.tracking_uri,
+    ) as run:
+        try:
+            _, metrics = train_model(setup.kind, adata, params, callbacks=(run.epoch_callback, report_to_tune))
+            tracking.log_final_metrics(run.client, run.run_id, metrics)
+            pruned = False
+        except TrialPruned:
+            pruned = True
+        run.client.set_tag(run.run_id, tracking.TAG_PRUNED, str(pruned).lower())
+    if pruned:
+        raise SystemExit(0)  # what Ray's stop expects from the trial's thread
+
+
+class CloseTrialRuns(Callback):
+    """Driver-side safety net: close a trial's MLflow run that the trial could not close itself (its
+    process ended first) with the trial's outcome, FINISHED or FAILED, so no trial run stays RUNNING."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+
+    def close(self, trial: Trial, status: str) -> None:
+        """Set the trial's runs still open to `status`."""
+        mlflow_client, runs = trial_runs(self.tracking_uri, self.experiment_id, self.parent_run_id, trial.trial_id)
+        tracking.close_open_runs(mlflow_client, [r.info.run_id for r in runs], status)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.close(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.close(trial, "FAILED")
+
+
+# --- Ray ----------------------------------------------------------------------------------------------
+RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Join the Ray cluster at `address`, or start a private local Ray (own short temp dir, no dashboard);
+    reuse Ray when the caller already started it. Shuts down only what it started."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    options: dict[str, Any] = {
+        "runtime_env": {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+    }
+    temp_dir = None
+    if address:
+        ray.init(address=address, **options)
+    else:
+        temp_dir = tempfile.mkdtemp(prefix="scdgm-ray-", dir="/tmp")  # unix socket paths must stay short
+        ray.init(
+            num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False, _temp_dir=temp_dir, **options
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def check_resources(settings: SweepSettings) -> None:
+    """Refuse a sweep whose trials could never start (Ray would keep them pending forever)."""
+    available = ray.cluster_resources()
+    for name, wanted in (("CPU", settings.cpus_per_trial), ("GPU", settings.gpus_per_trial)):
+        if wanted > available.get(name, 0):
+            raise ScdgmError(
+                f"each trial asks for {wanted:g} {name}(s) but the Ray cluster has {available.get(name, 0):g}; "
+                f"lower --{name.lower()}s-per-trial or add nodes"
+            )
+
+
+# --- one model's sweep --------------------------------------------------------------------------------
+class SweepInterrupted(ScdgmError):
+    """The sweep stopped before every trial ended (e.g. Ctrl+C); `--resume` continues it."""
+
+
+@dataclass
+class ModelOutcome:
+    """One model's sweep: best trial and configuration, trial counts, timings, refit metrics and model."""
+
+    kind: str
+    best_trial: str
+    best_value: float
+    best_config: dict[str, Any]
+    trials: int
+    failed: int
+    pruned: int
+    sweep_seconds: float
+    errors: list[str] = field(default_factory=list)
+    refit_seconds: float = 0.0
+    refit_metrics: dict[str, float] = field(default_factory=dict)
+    model_dir: str = ""
+    model_uri: str = ""
+
+
+@dataclass
+class SweepOutcome:
+    """The whole sweep: its MLflow run, each model's outcome, the output folder and the wall time."""
+
+    name: str
+    parent_run_id: str
+    models: dict[str, ModelOutcome]
+    out: str
+    seconds: float
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna what happened to each trial: PRUNED when ASHA stopped it (Ray reports
+    such a trial complete, with its last value), else COMPLETE with its best epoch's value (the model keeps
+    its best epoch), so TPE and optuna-dashboard see the truth.
+
+    A stopped trial is recognised by its last result: Ray hands the result that made the scheduler stop the
+    trial to `on_trial_complete` only, never to `on_trial_result`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.best_values: dict[str, float] = {}
+        self.last_iterations: dict[str, int] = {}
+        super().__init__(**kwargs)
+
+    def _record(self, trial_id: str, result: dict[str, Any]) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self.best_values[trial_id] = min(value, self.best_values.get(trial_id, math.inf))
+        self.last_iterations[trial_id] = int(result.get("training_iteration", 0))
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        super().on_trial_result(trial_id, result)
+        self._record(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if error or not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        stopped = int(result.get("training_iteration", 0)) > self.last_iterations.get(trial_id, 0)
+        if stopped:
+            super().on_trial_result(trial_id, result)  # the value that got it pruned, as an intermediate value
+        self._record(trial_id, result)
+        ot_trial = self._ot_trials[trial_id]
+        if stopped:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        elif trial_id in self.best_values:
+            self._ot_study.tell(ot_trial, self.best_values[trial_id])
+        else:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+
+
+def _searcher(settings: SweepSettings, kind: str) -> OptunaSearch:
+    with warnings.catch_warnings():  # multivariate TPE is flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+    return PruningAwareOptunaSearch(
+        space=SearchSpace(settings.spaces[kind], settings.seed),
+        metric=settings.metric,
+        mode="min",
+        sampler=sampler,
+        study_name=settings.study_name(kind),
+        storage=optuna.storages.RDBStorage(settings.storage),
+        points_to_evaluate=[dict(p) for p in settings.points_to_evaluate] or None,
+    )
+
+
+def _trainable(settings: SweepSettings, setup: TrialSetup) -> Any:
+    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+
+
+def _trial_name(trial: Trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _tuner(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) -> tune.Tuner:
+    """A new Tuner, or on --resume the interrupted one: finished and errored trials kept, unfinished restarted."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    path = settings.sweep_dir / kind
+    if resume and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(
+            str(path), trainable=_trainable(settings, setup), resume_unfinished=True, resume_errored=False,
+            restart_errored=False,
+        )
+    scheduler = ASHAScheduler(  # max_t one past the budget: ASHA only prunes, a trial ends by itself
+        time_attr="training_iteration",
+        max_t=settings.max_epochs + 1,
+        grace_period=min(settings.grace_period, settings.max_epochs),
+        reduction_factor=settings.reduction_factor,
+    )
+    return tune.Tuner(
+        _trainable(settings, setup),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode="min",
+            search_alg=_searcher(settings, kind),
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent,
+            reuse_actors=True,  # a trial process imports torch, anndata and mlflow once, not per trial
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=kind,
+            storage_path=str(settings.sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[CloseTrialRuns(setup.tracking_uri, setup.experiment_id, setup.parent_run_id)],
+            verbose=1,
+        ),
+    )
+
+
+def _error_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else error.__class__.__name__
+
+
+def _count_pruned(setup: TrialSetup) -> int:
+    """How many of this model's trial runs under the sweep run were pruned (each trial tags its run)."""
+    mlflow_client = tracking.client(setup.tracking_uri)
+    runs = mlflow_client.search_runs(
+        [setup.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{setup.parent_run_id}' and tags.`{tracking.TAG_KIND}` = '{setup.kind}'"
+            f" and tags.`{tracking.TAG_PRUNED}` = 'true'"
+        ),
+        max_results=10000,
+    )
+    return len(runs)
+
+
+def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) -> ModelOutcome:
+    """Run (or resume) the sweep of one model and pick its best successful trial; raise SweepInterrupted
+    (after closing the open trial runs as KILLED) when it stopped before every trial ended."""
+    started = time.perf_counter()
+    results = _tuner(settings, kind, setup, resume).fit()
+    trials = results._experiment_analysis.trials  # noqa: SLF001 - the only view of each trial's status
+    unfinished = [t for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)]
+    if unfinished or len(trials) < settings.num_samples:
+        closer = CloseTrialRuns(setup.tracking_uri, setup.experiment_id, setup.parent_run_id)
+        for trial in unfinished:
+            closer.close(trial, "KILLED")
+        done = len(trials) - len(unfinished)
+        raise SweepInterrupted(f"sweep {settings.name!r} ({kind}) interrupted after {done} of {settings.num_samples} trials")
+    best, best_value = None, math.inf
+    for result in results:
+        frame = result.metrics_dataframe
+        if result.error is None and frame is not None and settings.metric in frame:
+            value = float(frame[settings.metric].min())
+            if value < best_value:
+                best, best_value = result, value
+    errors = [_error_line(e) for e in results.errors]
+    if best is None:
+        raise ScdgmError(f"every {kind} trial failed; first error: {errors[0] if errors else 'no result reported'}")
+    return ModelOutcome(
+        kind=kind,
+        best_trial=str(best.metrics.get("trial_id", "")),
+        best_value=best_value,
+        best_config=dict(best.config),
+        trials=len(trials),
+        failed=len(errors),
+        pruned=_count_pruned(setup),
+        sweep_seconds=time.perf_counter() - started,
+        errors=errors,
+    )
+
+
+def _fail_orphan_optuna_trials(settings: SweepSettings, kind: str) -> None:
+    """Mark Optuna trials still RUNNING once the sweep ended (suggested, then lost to an interruption) FAIL."""
+    study = optuna.load_study(study_name=settings.study_name(kind), storage=settings.storage)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> list[Path]:
+    """Optimisation history, per-epoch curves and parameter importances of `kind`'s study as PNG files (those
+    that can be drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_matplotlib
+
+    study = optuna.load_study(study_name=settings.study_name(kind), storage=settings.storage)
+    plots = {
+        "history": optuna_matplotlib.plot_optimization_history,  # completed trials
+        "curves": optuna_matplotlib.plot_intermediate_values,  # every trial's per-epoch value, pruned ones too
+        "importance": optuna_matplotlib.plot_param_importances,
+    }
+    written = []
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():  # experimental API; "too few trials" for importances
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # importances need >= 2 finished trials
+            logging.getLogger(__name__).warning("no %s plot for %s: %s", name, kind, exc)
+            continue
+        figure = axes.figure
+        figure.set_size_inches(7, 4.5)
+        figure.tight_layout()
+        path = out / f"{kind}_{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _refit(settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, parent_run_id: str) -> None:
+    """Train the best configuration again (its seed included, so the best trial is reproduced), save it
+    under --out/models/<kind> and log it as the sweep run's pyfunc model."""
+    from pipelines.train import save_model_dir, train_model
+
+    kind = outcome.kind
+    model, metrics = train_model(kind, adata, {**settings.fixed_params(kind), **outcome.best_config})
+    model_dir = Path(settings.out) / "models" / kind
+    save_model_dir(model, metrics, model_dir)
+    outcome.refit_seconds = float(model.history.seconds)
+    outcome.refit_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    outcome.model_dir = str(model_dir)
+    outcome.model_uri = tracking.log_pyfunc_model(parent_run_id, model_dir, settings.model_artifact(kind))
+
+
+SUMMARY_METRICS = (
+    "nll_elbo", "nll_marginal", "reconstruction_pearson", "knn_accuracy", "silhouette", "mmd_prior", "c2st_prior",
+)
+"""Evaluation metrics shown in the printed comparison (comparison.csv has every metric the models share)."""
+
+
+def comparison_table(outcomes: dict[str, ModelOutcome], metric: str, full: bool = False) -> pd.DataFrame:
+    """One row per model: trials (failed, pruned), best validation metric, the refit's evaluation metrics
+    that every model reports (all of them, or the summary ones), and training times."""
+    import pandas as pd
+
+    common = set.intersection(*(set(o.refit_metrics) for o in outcomes.values())) if outcomes else set()
+    shown = sorted(common) if full else [m for m in SUMMARY_METRICS if m in common]
+    rows = []
+    for outcome in outcomes.values():
+        row: dict[str, Any] = {
+            "model": outcome.kind,
+            "trials": outcome.trials,
+            "failed": outcome.failed,
+            "pruned": outcome.pruned,
+            f"best_{metric}": outcome.best_value,
+        }
+        row.update({k: outcome.refit_metrics[k] for k in shown})
+        row["refit_seconds"] = outcome.refit_seconds
+        row["sweep_seconds"] = outcome.sweep_seconds
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def best_params_document(settings: SweepSettings, outcome: SweepOutcome) -> str:
+    """A params file for `scdgm train --params`: each model's train settings with the best hyperparameters
+    found (its seed included); the sweep's epoch budget is not carried over."""
+    train = {kind: {**settings.model_params.get(kind, {}), **o.best_config} for kind, o in outcome.models.items()}
+    header = f"# written by `scdgm tune` (sweep {settings.name}); read by `scdgm train --params`\n"
+    return header + yaml.safe_dump({"train": train}, sort_keys=True)
+
+
+def _write_outputs(settings: SweepSettings, outcome: SweepOutcome) -> list[Path]:
+    """best.json, best_params.yaml (what the DVC train stage reads), comparison.csv and comparison.md."""
+    out = Path(settings.out)
+    best = {
+        "sweep": settings.name,
+        "parent_run_id": outcome.parent_run_id,
+        "metric": settings.metric,
+        "seconds": outcome.seconds,
+        "models": {kind: asdict(o) for kind, o in outcome.models.items()},
+    }
+    summary = comparison_table(outcome.models, settings.metric)
+    return [
+        tracking.write_text_atomic(out / "best.json", json.dumps(best, indent=2) + "\n"),
+        tracking.write_text_atomic(out / "best_params.yaml", best_params_document(settings, outcome)),
+        tracking.write_text_atomic(out / "comparison.csv", comparison_table(outcome.models, settings.metric, True).to_csv()),
+        tracking.write_text_atomic(out / "comparison.md", summary.to_markdown(floatfmt=".4g") + "\n"),
+    ]
+
+
+# --- the sweep ----------------------------------------------------------------------------------------
+def _open_parent(settings: SweepSettings, uri: str, resume: bool, lineage: tracking.DataLineage) -> str:
+    """Create the sweep run (or reopen it on --resume) and remember it in the sweep's Ray folder."""
+    mlflow_client = tracking.client(uri)
+    record = settings.sweep_dir / SWEEP_RECORD
+    if resume and record.exists():
+        run_id = json.loads(record.read_text())["parent_run_id"]
+        mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {
+        tracking.TAG_ROLE: "sweep",
+        tracking.TAG_SWEEP: settings.name,
+        tracking.TAG_KIND: ",".join(settings.models),
+        "optuna.storage": redact_url(settings.storage),
+        "optuna.studies": ",".join(settings.study_name(k) for k in settings.models),
+        **tracking.git_tags(),
+    }
+    run_id = tracking.start_run(mlflow_client, settings.experiment, f"sweep-{settings.name}", tags)
+    logged = {k: v for k, v in asdict(settings).items() if k != "storage"}
+    tracking.log_params(mlflow_client, run_id, {"tune": logged})
+    tracking.log_lineage(mlflow_client, run_id, lineage)
+    tracking.write_text_atomic(record, json.dumps({"parent_run_id": run_id, "tracking_uri": uri}) + "\n")
+    return run_id
+
+
+def _clear_previous(settings: SweepSettings, overwrite: bool) -> None:
+    """A new sweep must not mix with an old one of the same name: refuse, or (overwrite) delete the old Ray
+    folder and Optuna studies. The old MLflow runs stay."""
+    wanted = {settings.study_name(k) for k in settings.models}
+    existing = [s.study_name for s in optuna.get_all_study_summaries(settings.storage) if s.study_name in wanted]
+    if not existing and not settings.sweep_dir.exists():
+        return
+    if not overwrite:
+        raise ScdgmError(
+            f"sweep {settings.name!r} exists ({settings.sweep_dir}, Optuna studies {existing or 'none'}); "
+            "pass --resume to continue it, --overwrite to start it over, or another --name"
+        )
+    shutil.rmtree(settings.sweep_dir, ignore_errors=True)
+    for name in existing:
+        optuna.delete_study(study_name=name, storage=settings.storage)
+
+
+def _tune_models(
+    settings: SweepSettings, uri: str, parent_run_id: str, lineage: tracking.DataLineage, resume: bool
+) -> dict[str, ModelOutcome]:
+    """Run (or resume) the sweep of every model, one after the other, on the Ray that is up."""
+    mlflow_client = tracking.client(uri)
+    outcomes = {}
+    for kind in settings.models:
+        setup = TrialSetup(
+            kind=kind,
+            data=settings.data,
+            fixed=settings.fixed_params(kind),
+            tracking_uri=uri,
+            experiment_id=mlflow_client.get_run(parent_run_id).info.experiment_id,
+            parent_run_id=parent_run_id,
+            sweep=settings.name,
+            lineage=lineage,
+            tags=tracking.git_tags(),
+            threads=max(1, int(settings.cpus_per_trial)),
+        )
+        outcomes[kind] = _tune_model(settings, kind, setup, resume)
+        _fail_orphan_optuna_trials(settings, kind)
+    return outcomes
+
+
+def _conclude(
+    settings: SweepSettings, outcomes: dict[str, ModelOutcome], adata: ad.AnnData, parent_run_id: str, started: float
+) -> SweepOutcome:
+    """Refit each model's best configuration, draw Optuna's plots, write the outputs and log it all."""
+    mlflow_client = tracking.client()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, model_outcome in outcomes.items():
+        _refit(settings, model_outcome, adata, parent_run_id)
+        tracking.log_metrics(
+            mlflow_client,
+            parent_run_id,
+            {f"{kind}.best_{settings.metric}": model_outcome.best_value}
+            | {f"{kind}.{k}": v for k, v in model_outcome.refit_metrics.items()},
+        )
+        for plot in optuna_plots(settings, kind, out):
+            mlflow_client.log_artifact(parent_run_id, str(plot), artifact_path="optuna")
+    outcome = SweepOutcome(settings.name, parent_run_id, outcomes, str(out), time.perf_counter() - started)
+    for path in _write_outputs(settings, outcome):
+        mlflow_client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
+    tracking.log_metrics(mlflow_client, parent_run_id, {"sweep_seconds": outcome.seconds})
+    return outcome
+
+
+def run_sweep(settings: SweepSettings, resume: bool = False, overwrite: bool = False) -> SweepOutcome:
+    """Tune every model of `settings` (new, or resumed), refit and log each best configuration, write the
+    outputs and close the sweep run: FINISHED, KILLED when interrupted, FAILED on an error."""
+    import anndata as ad
+
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = tracking.tracking_uri()
+    tracking.ensure_reachable(uri)
+    if not Path(settings.data).is_file():
+        raise ScdgmError(f"{settings.data}: prepared data not found")
+    if resume and not (settings.sweep_dir / SWEEP_RECORD).exists():
+        raise ScdgmError(f"--resume: no sweep {settings.name!r} in {settings.results_dir} to continue")
+    if not resume:
+        _clear_previous(settings, overwrite)
+    adata = ad.read_h5ad(settings.data)
+    lineage = tracking.dataset_lineage(settings.data, adata.n_obs, adata.n_vars)
+    parent_run_id, status = None, "FAILED"
+    try:
+        with ray_session(settings.address, settings.num_cpus):
+            check_resources(settings)
+            parent_run_id = _open_parent(settings, uri, resume, lineage)
+            outcomes = _tune_models(settings, uri, parent_run_id, lineage, resume)
+        outcome = _conclude(settings, outcomes, adata, parent_run_id, started)
+        status = "FINISHED"
+        return outcome
+    except SweepInterrupted:
+        status = "KILLED"
+        raise
+    finally:
+        if parent_run_id is not None:
+            tracking.client(uri).set_terminated(parent_run_id, status)

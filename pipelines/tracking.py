@@ -1,0 +1,400 @@
+"""MLflow tracking: where runs go, what a run records (params, per-epoch metrics, lineage, artifacts, tags,
+the model as pyfunc) and the record a model directory keeps of the run that produced it.
+
+The store is SQLite at an absolute path inside the project (`sqlite:///<repo>/mlflow.db`, artifacts in
+`<repo>/mlartifacts`) unless MLFLOW_TRACKING_URI names another store or a tracking server. Paths are
+absolute so Ray trials (which run in other working directories) and DVC stages all write to one store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import yaml
+
+from pipelines.config import PROJECT_ROOT, flatten
+from pipelines.errors import ScdgmError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from models.base import EpochCallback
+
+DEFAULT_EXPERIMENT = "scdgm"
+RUN_RECORD = "mlflow_run.json"
+"""File in a model directory naming the MLflow run (and store) that produced it."""
+MODEL_ARTIFACT = "model"
+"""Name of the logged pyfunc model in a run: `runs:/<run id>/model`."""
+SKIPPED_MODEL_FILES = {"weights.safetensors", RUN_RECORD}
+"""Files of a model directory not logged as plain run artifacts (the weights travel inside the pyfunc model)."""
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+EPOCH_METRIC_PREFIXES = ("train_", "validation_")
+"""Per-epoch metric names start with these (then the loss term); `lr` is logged per epoch too."""
+SERVER_SCHEMES = ("http", "https", "databricks")
+
+# Tag names, shared by train runs, sweep parents and trials.
+TAG_KIND = "scdgm.model_kind"
+TAG_COMMIT = "mlflow.source.git.commit"
+TAG_DIRTY = "scdgm.git_dirty"
+TAG_ROLE = "scdgm.role"
+TAG_SWEEP = "scdgm.sweep"
+TAG_TRIAL = "ray.trial_id"
+TAG_PRUNED = "scdgm.pruned"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (relative SQLite paths made absolute), else `sqlite:///<repo>/mlflow.db`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a plain folder: MLflow's file store, refused by MLflow 3 unless explicitly allowed
+        return str(Path(uri).resolve())
+    return uri
+
+
+def experiment_name(params: dict[str, Any] | None = None) -> str:
+    """The MLflow experiment: MLFLOW_EXPERIMENT_NAME, else params.yaml's `tracking.experiment`, else 'scdgm'."""
+    section = (params or {}).get("tracking") or {}
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or section.get("experiment") or DEFAULT_EXPERIMENT
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: next to a SQLite file, `<repo>/mlartifacts` for other local
+    databases, and whatever the server decides (None) for a tracking server."""
+    scheme = urlparse(uri).scheme
+    if scheme in SERVER_SCHEMES:
+        return None
+    if scheme == "sqlite":
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
+    return str(PROJECT_ROOT / "mlartifacts")
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """An MlflowClient on `uri` (the resolved tracking URI by default); also sets the fluent API's URI."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter (database set-up, downloads)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(name: str, uri: str | None = None) -> str:
+    """Id of experiment `name`, created (with the project's artifact location) when missing."""
+    uri = uri or tracking_uri()
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ScdgmError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+    except Exception:  # noqa: BLE001 - another process created it between our lookup and create
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_tags() -> dict[str, str]:
+    """The project's git commit and whether the working tree differs from it (empty outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower()}
+
+
+@dataclass
+class DataLineage:
+    """Which data a run used: absolute path, content hash (and where the hash came from) and shape."""
+
+    path: str
+    md5: str
+    md5_source: str
+    n_obs: int
+    n_vars: int
+
+    def params(self) -> dict[str, Any]:
+        """The lineage as run parameters (`data.*`)."""
+        return {f"data.{k}": v for k, v in asdict(self).items()}
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()  # noqa: S324 - a content fingerprint, as DVC uses, not security
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dvc_recorded_outs() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(absolute path, out entry) of every output recorded in dvc.lock and in *.dvc files of data/."""
+    lock = PROJECT_ROOT / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []) or []:
+                yield (PROJECT_ROOT / out["path"]).resolve(), out
+    for dvc_file in (PROJECT_ROOT / "data").rglob("*.dvc") if (PROJECT_ROOT / "data").exists() else []:
+        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []) or []:
+            yield (dvc_file.parent / out["path"]).resolve(), out
+
+
+def dataset_lineage(path: str | Path, n_obs: int, n_vars: int) -> DataLineage:
+    """Lineage of the data file at `path`: DVC's recorded md5 when DVC tracks this very file (same size),
+    else an md5 computed here."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ScdgmError(f"{path}: data file not found")
+    size = path.stat().st_size
+    try:
+        for out_path, out in _dvc_recorded_outs():
+            if out_path == path and out.get("md5") and out.get("size") == size:
+                return DataLineage(str(path), str(out["md5"]), "dvc", n_obs, n_vars)
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+        pass  # an unreadable DVC record is no lineage; fall back to hashing the file
+    return DataLineage(str(path), _file_md5(path), "computed", n_obs, n_vars)
+
+
+def log_lineage(mlflow_client: MlflowClient, run_id: str, lineage: DataLineage) -> None:
+    """Record the data as run params and as an MLflow dataset input (name, digest, local source path)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    log_params(mlflow_client, run_id, lineage.params())
+    dataset = Dataset(
+        name=Path(lineage.path).stem,
+        digest=lineage.md5[:36],
+        source_type="local",
+        source=json.dumps({"uri": lineage.path}),
+        profile=json.dumps({"n_obs": lineage.n_obs, "n_vars": lineage.n_vars}),
+    )
+    mlflow_client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:6000]
+
+
+def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log a (nested) configuration as flattened, dotted params, in batches MLflow accepts."""
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_value(v)) for k, v in sorted(flatten(params).items())]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(mlflow_client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    """Log the finite numeric entries of `metrics` at `step` in one call."""
+    import math
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for start in range(0, len(items), 1000):
+        mlflow_client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def log_final_metrics(mlflow_client: MlflowClient, run_id: str, metrics: dict[str, Any]) -> None:
+    """Log training's final metrics; the best epoch's losses become `best_<name>`, so the per-epoch history
+    of `<name>` stays one value per epoch."""
+    renamed = {(f"best_{k}" if k.startswith(EPOCH_METRIC_PREFIXES) else k): v for k, v in metrics.items()}
+    log_metrics(mlflow_client, run_id, renamed)
+
+
+def epoch_logger(mlflow_client: MlflowClient, run_id: str) -> EpochCallback:
+    """An epoch callback logging every per-epoch metric (loss terms on train and validation, lr) at step=epoch."""
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        log_metrics(mlflow_client, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+    return log_epoch
+
+
+def log_folder_files(mlflow_client: MlflowClient, run_id: str, folder: str | Path, artifact_path: str) -> None:
+    """Log the files of a model directory or explanation folder (metrics.json, plots, loadings.csv,
+    explanation.json...) as run artifacts under `artifact_path`; weights travel inside the pyfunc model."""
+    folder = Path(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in SKIPPED_MODEL_FILES):
+        relative = path.relative_to(folder).parent
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=str(Path(artifact_path) / relative))
+
+
+@dataclass
+class RunRecord:
+    """What a model directory remembers of the run that produced it (written as mlflow_run.json)."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    model_uri: str | None = None
+
+    def write(self, model_dir: str | Path) -> None:
+        """Write the record into `model_dir` atomically."""
+        write_text_atomic(Path(model_dir) / RUN_RECORD, json.dumps(asdict(self), indent=2) + "\n")
+
+    @staticmethod
+    def read(model_dir: str | Path) -> RunRecord:
+        """The record of `model_dir`; a clear error when the model was trained without tracking."""
+        path = Path(model_dir) / RUN_RECORD
+        if not path.exists():
+            raise ScdgmError(f"{model_dir}: no {RUN_RECORD}; this model was not trained as an MLflow run")
+        try:
+            return RunRecord(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ScdgmError(f"{path}: unreadable run record ({exc})") from None
+
+
+def log_pyfunc_model(
+    run_id: str, model_dir: str | Path, name: str = MODEL_ARTIFACT, explanation: str | Path | None = None
+) -> str:
+    """Log `model_dir` (with `explanation` attached) as a pyfunc model of run `run_id`, quietly; returns its
+    `models:/<model id>` URI."""
+    import mlflow
+
+    from pipelines.pyfunc import log_pyfunc
+
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_logger.level
+    pyfunc_logger.setLevel(logging.ERROR)  # silences the cloudpickle notice: our class is pickled by reference
+    try:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            return log_pyfunc(model_dir, name, explanation)
+    finally:
+        pyfunc_logger.setLevel(level)
+
+
+class TrainingRun:
+    """One tracked training: params, lineage and tags at the start, per-epoch metrics while training, then
+    final metrics, the model directory's reports and the model as pyfunc. Ends FINISHED, or FAILED on error."""
+
+    def __init__(self, mlflow_client: MlflowClient, run_id: str, uri: str) -> None:
+        self.client = mlflow_client
+        self.run_id = run_id
+        self.uri = uri
+        self.epoch_callback = epoch_logger(mlflow_client, run_id)
+
+    def finish(self, model_dir: str | Path, metrics: dict[str, Any]) -> RunRecord:
+        """Log final metrics, the model directory's reports and the pyfunc model; write the record into it."""
+        log_final_metrics(self.client, self.run_id, metrics)
+        log_folder_files(self.client, self.run_id, model_dir, "model_files")
+        model_uri = log_pyfunc_model(self.run_id, model_dir)
+        run = self.client.get_run(self.run_id)
+        record = RunRecord(self.uri, run.info.experiment_id, self.run_id, model_uri)
+        record.write(model_dir)
+        return record
+
+
+def start_run(
+    mlflow_client: MlflowClient,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
+    """Open a run and return its id: nested under `parent_run_id` (in the parent's experiment), else the run
+    that `mlflow run` opened for this process (MLFLOW_RUN_ID), else a new run in `experiment`."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    tags = dict(tags)
+    if run_name:
+        tags[MLFLOW_RUN_NAME] = run_name
+    if parent_run_id:
+        parent = mlflow_client.get_run(parent_run_id)
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        return mlflow_client.create_run(parent.info.experiment_id, tags=tags, run_name=run_name).info.run_id
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if adopted:
+        for key, value in tags.items():
+            mlflow_client.set_tag(adopted, key, value)
+        return adopted
+    uri = mlflow_client.tracking_uri
+    return mlflow_client.create_run(experiment_id(experiment, uri), tags=tags, run_name=run_name).info.run_id
+
+
+@contextmanager
+def training_run(
+    kind: str,
+    config: dict[str, Any],
+    lineage: DataLineage | None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    uri: str | None = None,
+) -> Iterator[TrainingRun]:
+    """Open a run for training model `kind` with `config` logged as params (see `start_run` for where); it
+    is closed FINISHED when the block succeeds and FAILED (then re-raised) when it raises: never left RUNNING."""
+    uri = uri or tracking_uri()
+    mlflow_client = client(uri)
+    all_tags = {TAG_KIND: kind, TAG_ROLE: "train", **git_tags(), **(tags or {})}
+    run_id = start_run(mlflow_client, experiment, run_name, all_tags, parent_run_id)
+    try:
+        log_params(mlflow_client, run_id, {"model": kind, **config})
+        if lineage is not None:
+            log_lineage(mlflow_client, run_id, lineage)
+        yield TrainingRun(mlflow_client, run_id, uri)
+    except BaseException:
+        mlflow_client.set_terminated(run_id, "FAILED")
+        raise
+    mlflow_client.set_terminated(run_id, "FINISHED")
+
+
+def close_open_runs(mlflow_client: MlflowClient, run_ids: list[str], status: str) -> None:
+    """Set every run of `run_ids` still RUNNING (or SCHEDULED) to `status`; closed runs are left alone."""
+    for run_id in run_ids:
+        if mlflow_client.get_run(run_id).info.status not in TERMINAL_STATUSES:
+            mlflow_client.set_terminated(run_id, status)
+
+
+def ensure_reachable(uri: str) -> None:
+    """Fail early with one line when a tracking server named by MLFLOW_TRACKING_URI does not answer."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            return
+    except OSError as exc:
+        raise ScdgmError(f"MLflow tracking server {uri} is not reachable ({exc.__class__.__name__})") from None

@@ -1,0 +1,211 @@
+"""`scdgm tune`: sweep settings from params.yaml (`tune:`) and the command line, search-space validation, and
+the command that runs the sweep (the Ray/Optuna machinery lives in pipelines.sweep, imported on use).
+
+A search space (`tune.spaces.<model>`) maps each hyperparameter to `[loguniform|uniform|int|logint, low,
+high]`, `[choice, v1, v2, ...]` or a fixed value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines import tracking
+from pipelines.config import PROJECT_ROOT, apply_overrides, load_params
+from pipelines.errors import ScdgmError
+
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
+
+
+def default_storage() -> str:
+    """The Optuna storage used without --storage: SQLite at an absolute path inside the project."""
+    return f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+
+
+def check_space(kind: str, space: Any) -> dict[str, Any]:
+    """Validate model `kind`'s search space; the error names the offending entry."""
+    if not isinstance(space, dict) or not space:
+        raise ScdgmError(f"tune.spaces.{kind}: expected a mapping of hyperparameter: [distribution, ...]")
+    for name, entry in space.items():
+        if not isinstance(entry, list):
+            continue
+        where = f"tune.spaces.{kind}.{name}"
+        if not entry or entry[0] not in DISTRIBUTIONS:
+            raise ScdgmError(f"{where}: the first element must be one of {', '.join(DISTRIBUTIONS)}; got {entry}")
+        if entry[0] == "choice":
+            if len(entry) < 2:
+                raise ScdgmError(f"{where}: choice needs at least one value")
+            continue
+        if len(entry) != 3 or not all(isinstance(v, (int, float)) for v in entry[1:]) or entry[1] > entry[2]:
+            raise ScdgmError(f"{where}: expected [{entry[0]}, low, high] with low <= high; got {entry}")
+        if entry[0] in ("loguniform", "logint") and entry[1] <= 0:
+            raise ScdgmError(f"{where}: a log scale needs low > 0; got {entry}")
+    if not any(isinstance(v, list) for v in space.values()):
+        raise ScdgmError(f"tune.spaces.{kind}: nothing to search (every entry is a fixed value)")
+    return space
+
+
+@dataclass
+class SweepSettings:
+    """Everything a sweep needs, with absolute paths (trials run in other working directories)."""
+
+    models: list[str]
+    data: str
+    name: str
+    num_samples: int = 8
+    max_concurrent: int = 2
+    max_epochs: int = 15
+    metric: str = "validation_loss"
+    grace_period: int = 2
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    storage: str = field(default_factory=default_storage)
+    results_dir: str = str(PROJECT_ROOT / "ray_results")
+    out: str = str(PROJECT_ROOT / "reports" / "tune")
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    seed: int = 0
+    spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    address: str | None = None
+    num_cpus: int | None = None
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Ray's folder of this sweep (one experiment sub-folder per model)."""
+        return Path(self.results_dir) / self.name
+
+    def study_name(self, kind: str) -> str:
+        """The Optuna study of model `kind`: the sweep name (suffixed by the model when several are tuned)."""
+        return self.name if len(self.models) == 1 else f"{self.name}-{kind}"
+
+    def model_artifact(self, kind: str) -> str:
+        """Name of model `kind`'s refitted pyfunc on the sweep run (`model` when one model is tuned)."""
+        return tracking.MODEL_ARTIFACT if len(self.models) == 1 else f"{tracking.MODEL_ARTIFACT}-{kind}"
+
+    def fixed_params(self, kind: str) -> dict[str, Any]:
+        """Hyperparameters every trial of `kind` shares: the train section's, the sweep's epoch budget, no
+        progress bar."""
+        return {**self.model_params.get(kind, {}), "max_epochs": self.max_epochs, "progress": False}
+
+
+def _absolute(path: str | Path) -> str:
+    path = Path(path)
+    return str(path if path.is_absolute() else (Path.cwd() / path).resolve())
+
+
+def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSettings:
+    """Merge params.yaml's `tune:` section with command-line options (options win; None means not given).
+    Hyperparameters not searched come from the train section, as `scdgm train` reads them."""
+    from models import MODEL_KINDS, model_class
+    from pipelines.train import model_params
+
+    section = dict(params.get("tune") or {})
+    section.update({k: v for k, v in options.items() if v is not None and v != ""})
+    models = section.pop("models", None)
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    if not models:
+        raise ScdgmError("no model to tune: pass --model (e.g. --model ldvae) or set tune.models in params.yaml")
+    unknown = [m for m in models if m not in MODEL_KINDS]
+    if unknown:
+        raise ScdgmError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_KINDS)}")
+    data = section.pop("data", None) or (params.get("data") or {}).get("prepared")
+    if not data:
+        raise ScdgmError("no data: pass --data PREPARED.h5ad")
+    dataset = (params.get("data") or {}).get("dataset", "sweep")
+    name = section.pop("name", None) or f"{dataset}-{'-'.join(models)}"
+    known = {f.name for f in fields(SweepSettings)} - {"models", "data", "name", "model_params"}
+    unknown_keys = sorted(set(section) - known)
+    if unknown_keys:
+        raise ScdgmError(f"tune: unknown setting(s) {', '.join(unknown_keys)}; valid: {', '.join(sorted(known))}")
+    for key in ("results_dir", "out"):
+        if section.get(key):
+            section[key] = _absolute(section[key])
+    if not section.get("storage"):
+        section.pop("storage", None)
+    section.setdefault("seed", params.get("seed", 0))
+    section.setdefault("experiment", tracking.experiment_name(params))
+    settings = SweepSettings(
+        models=list(models),
+        data=_absolute(data),
+        name=str(name),
+        model_params={kind: model_params(kind, params) for kind in models},
+        **section,
+    )
+    if min(settings.num_samples, settings.max_concurrent, settings.max_epochs, settings.grace_period) < 1:
+        raise ScdgmError("num_samples, max_concurrent, max_epochs and grace_period must be at least 1")
+    if settings.cpus_per_trial <= 0 or settings.gpus_per_trial < 0:
+        raise ScdgmError("cpus_per_trial must be positive and gpus_per_trial not negative")
+    for kind in models:
+        if kind not in settings.spaces:
+            raise ScdgmError(f"no search space for {kind}: add tune.spaces.{kind} to params.yaml")
+        check_space(kind, settings.spaces[kind])
+        model_class(kind).from_params(settings.fixed_params(kind))  # every fixed value is valid for the model
+        known = {f.name for f in fields(model_class(kind).Config)}
+        stray = sorted(set(settings.spaces[kind]) - known)
+        if stray:
+            raise ScdgmError(f"tune.spaces.{kind}: {', '.join(stray)} is not a hyperparameter of {kind}")
+    return settings
+
+
+def tune_command(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model(s) to tune, comma-separated, e.g. ldvae,vae (params.yaml: tune.models).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared .h5ad (params.yaml: data.prepared).")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Trials per model (params.yaml: tune.num_samples).")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Trials running at once (params.yaml: tune.max_concurrent).")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Epochs per trial at most; ASHA's max_t (params.yaml: tune.max_epochs).")] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs reserved per trial.")] = None,
+    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial; a fraction shares a GPU (0.5: two trials per GPU).")] = None,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster (HOST:PORT, or 'auto') instead of starting Ray here.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray instance (default: all available).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted sweep of this name.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start an existing sweep of this name over.")] = False,
+    name: Annotated[str | None, typer.Option(help="Sweep name = Optuna study = Ray experiment folder (default: <dataset>-<models>).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<repo>/optuna.db).")] = None,
+    out: Annotated[str | None, typer.Option(help="Folder for best.json, best_params.yaml, comparison table, plots and refitted models.")] = None,
+    results_dir: Annotated[str | None, typer.Option(help="Ray's results folder; shared storage on a multi-machine cluster.")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (params.yaml: tracking.experiment).")] = None,
+    params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set tune.grace_period=3.")] = None,
+) -> None:
+    """Tune hyperparameters: Optuna TPE proposes, Ray Tune runs trials, ASHA prunes; each trial is an MLflow run."""
+    from pipelines.sweep import SweepInterrupted, comparison_table, run_sweep
+
+    if resume and overwrite:
+        raise ScdgmError("--resume and --overwrite exclude each other")
+    if params is not None and not params.is_file():
+        raise ScdgmError(f"params file not found: {params}")
+    settings = settings_from_params(
+        apply_overrides(load_params(params), overrides),
+        models=model,
+        data=data,
+        num_samples=num_samples,
+        max_concurrent=max_concurrent,
+        max_epochs=max_epochs,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        address=address,
+        num_cpus=num_cpus,
+        name=name,
+        storage=storage,
+        out=out,
+        results_dir=results_dir,
+        experiment=experiment,
+    )
+    try:
+        outcome = run_sweep(settings, resume=resume, overwrite=overwrite)
+    except SweepInterrupted as exc:
+        typer.echo(f"{exc}; continue it with the same command plus --resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(comparison_table(outcome.models, settings.metric).to_string(float_format=lambda v: f"{v:.4g}"))
+    for kind, result in outcome.models.items():
+        if result.errors:
+            typer.echo(f"{kind}: {result.failed} trial(s) failed, e.g. {result.errors[0]}", err=True)
+    typer.echo(
+        f"sweep {outcome.name} done in {outcome.seconds:.0f} s; best parameters: {Path(outcome.out) / 'best_params.yaml'}; "
+        f"MLflow sweep run {outcome.parent_run_id}"
+    )

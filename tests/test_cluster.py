@@ -1,0 +1,140 @@
+"""Beyond one machine, in miniature: a two-node Ray cluster runs the trials (some on each node), every trial
+logs to one MLflow tracking server backed by PostgreSQL, and the Optuna study lives in PostgreSQL."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from tracking_helpers import runs_by_role, tiny_params, write_tiny_prepared
+
+from pipelines.config import load_params
+from pipelines.sweep import run_sweep
+from pipelines.tune import settings_from_params
+
+pytestmark = pytest.mark.postgres
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test", "connect_timeout": 3}
+
+
+def postgres_error() -> str | None:
+    """Why PostgreSQL cannot be used here (None when it can)."""
+    try:
+        import psycopg2
+
+        psycopg2.connect(**POSTGRES).close()
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip with the reason
+        return f"PostgreSQL at 127.0.0.1:5432 is not reachable ({exc.__class__.__name__}: {str(exc).strip()[:80]})"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def databases():
+    """Two fresh databases (MLflow's and Optuna's), dropped afterwards."""
+    reason = postgres_error()
+    if reason:
+        pytest.skip(reason)
+    import psycopg2
+
+    names = [f"scdgm_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "optuna")]
+    connection = psycopg2.connect(**POSTGRES)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            for name in names:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2
+        yield [f"postgresql+psycopg2://root@127.0.0.1:5432/{name}" for name in names]
+    finally:
+        with connection.cursor() as cursor:
+            for name in names:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.close()
+
+
+@pytest.fixture
+def tracking_server(databases, tmp_path):
+    """A lean `mlflow server` on PostgreSQL with proxied artifacts; stopped by PID."""
+    port = free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", databases[0], "--artifacts-destination", str(tmp_path / "artifacts")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: uvicorn and its worker
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """A local two-node Ray cluster (head and one worker, one CPU each) in its own short temp dir."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)  # also where Ray notes the "current cluster" address
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": False})
+    try:
+        nodes.add_node(num_cpus=1, temp_dir=temp_dir)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_sweep_on_a_two_node_cluster_with_a_tracking_server_and_postgres(databases, tracking_server, cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    data = write_tiny_prepared(tmp_path / "tiny.h5ad")
+    params = load_params(tiny_params(tmp_path, data, max_concurrent=2, max_epochs=3, storage=databases[1]))
+    settings = settings_from_params(params, name="cluster", address=cluster.address)
+    outcome = run_sweep(settings).models["ldvae"]
+
+    trials = runs_by_role(tracking_server, "trial")
+    assert len(trials) == outcome.trials == 4
+    assert {t.info.status for t in trials} <= {"FINISHED", "FAILED"}
+    nodes = {t.data.tags["ray.node_id"] for t in trials}
+    assert len(nodes) == 2, "trials ran on one node only"
+    assert all(t.data.tags["ray.node_ip"] for t in trials)
+    (parent,) = runs_by_role(tracking_server, "sweep")
+    assert parent.info.status == "FINISHED" and parent.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model").metadata.signature is not None
+    study = optuna.load_study(study_name="cluster", storage=databases[1])
+    assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)

@@ -1,0 +1,151 @@
+"""Sweeps: ASHA prunes, a diverging trial fails without failing the sweep, every trial run is closed, the best
+configuration is refitted and written for `scdgm train`, and an interrupted sweep resumes without repeats."""
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from tracking_helpers import isolated_tracking, runs_by_role, tiny_params, write_tiny_prepared
+
+from pipelines.config import load_params
+from pipelines.errors import ScdgmError
+from pipelines.sweep import SweepInterrupted, run_sweep
+from pipelines.train import model_params
+from pipelines.tune import check_space, settings_from_params
+
+DIVERGING = {"lr": 10000.0, "n_hidden": 16, "n_latent": 2, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_tiny_prepared(tmp_path_factory.mktemp("data") / "tiny.h5ad")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module's sweeps (they reuse a running Ray), in its own short temp dir."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def states(storage: str, study: str) -> list[str]:
+    return [t.state.name for t in optuna.load_study(study_name=study, storage=storage).trials]
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr")  # the diverging lr lies outside the space on purpose
+def test_sweep_prunes_survives_a_failing_trial_and_refits_the_best(tiny_data, local_ray, tmp_path, monkeypatch):
+    uri = isolated_tracking(monkeypatch, tmp_path)
+    params = load_params(tiny_params(tmp_path, tiny_data, num_samples=5, points_to_evaluate=[DIVERGING]))
+    settings = settings_from_params(params, name="sweep")
+    outcome = run_sweep(settings).models["ldvae"]
+
+    assert outcome.trials == 5 and outcome.failed == 1 and outcome.pruned >= 1
+    assert "TrainingDiverged" in outcome.errors[0]
+    trials = runs_by_role(uri, "trial")
+    assert len(trials) == 5 and {t.info.status for t in trials} <= {"FINISHED", "FAILED"}
+    assert sorted(t.info.status for t in trials).count("FAILED") == 1
+    assert sum(t.data.tags.get("scdgm.pruned") == "true" for t in trials) == outcome.pruned
+    assert len({t.data.params["seed"] for t in trials}) == 5  # a distinct seed per trial
+    (parent,) = runs_by_role(uri, "sweep")
+    assert parent.info.status == "FINISHED"
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    assert parent.data.metrics["ldvae.best_validation_loss"] == pytest.approx(outcome.best_value)
+    client = mlflow.MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert "optuna/ldvae_history.png" in logged
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
+    assert pyfunc.metadata.get_input_schema().input_names()[0] in load_model_genes(outcome.model_dir)
+
+    study = states(settings.storage, "sweep")
+    assert study.count("FAIL") == 1 and study.count("PRUNED") == outcome.pruned and "RUNNING" not in study
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())["models"]["ldvae"]
+    assert best["best_config"] == outcome.best_config and "seed" in best["best_config"]
+    document = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
+    assert model_params("ldvae", document)["lr"] == outcome.best_config["lr"]
+    assert (tmp_path / "tune" / "comparison.csv").read_text().startswith("model,trials,failed,pruned,best_validation_loss")
+
+    with pytest.raises(ScdgmError, match="sweep 'sweep' exists"):
+        run_sweep(settings)  # the same name again needs --resume or --overwrite
+
+
+def load_model_genes(model_dir: str) -> list[str]:
+    from models import load_model
+
+    return load_model(model_dir).genes
+
+
+@pytest.mark.filterwarnings("ignore:The reported value is ignored")  # a replayed trial reports its epochs again
+def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tiny_data, local_ray, tmp_path, monkeypatch):
+    uri = isolated_tracking(monkeypatch, tmp_path)
+    params = tiny_params(tmp_path, tiny_data, num_samples=5, max_epochs=4, grace_period=4)  # no pruning: slower trials
+    settings = settings_from_params(load_params(params), name="resumed")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl+C must not hit pytest itself
+    stop = threading.Event()
+
+    def interrupt_after_a_trial() -> None:
+        client = mlflow.MlflowClient(uri)
+        while not stop.is_set():
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            finished = client.search_runs(experiments, "tags.`scdgm.role` = 'trial' and attributes.status = 'FINISHED'")
+            if finished:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C: Ray Tune saves its state and stops
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=interrupt_after_a_trial, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(SweepInterrupted):
+            run_sweep(settings)
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+    (parent,) = runs_by_role(uri, "sweep")
+    assert parent.info.status == "KILLED"
+    before = {t.data.tags["ray.trial_id"]: t for t in runs_by_role(uri, "trial") if t.info.status == "FINISHED"}
+    assert 1 <= len(before) < 5 and "RUNNING" not in {t.info.status for t in runs_by_role(uri, "trial")}
+
+    run_sweep(settings, resume=True)
+    trials = runs_by_role(uri, "trial")
+    assert len(trials) == 5 and len({t.data.tags["ray.trial_id"] for t in trials}) == 5
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    after = {t.data.tags["ray.trial_id"]: t for t in trials}
+    for trial_id, run in before.items():  # finished trials were kept, not run again
+        assert after[trial_id].info.run_id == run.info.run_id
+        assert after[trial_id].info.start_time == run.info.start_time
+    (parent,) = runs_by_role(uri, "sweep")
+    assert parent.info.status == "FINISHED"
+    study = states(settings.storage, "resumed")
+    assert len(study) == 5 and "RUNNING" not in study
+
+
+def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
+    params = load_params(tiny_params(tmp_path, tiny_data))
+    with pytest.raises(ScdgmError, match="tune.spaces.ldvae.lr"):
+        check_space("ldvae", {"lr": ["loguniform", 0, 1]})
+    with pytest.raises(ScdgmError, match="first element"):
+        check_space("ldvae", {"lr": ["normal", 0, 1]})
+    with pytest.raises(ScdgmError, match="no search space for vae"):
+        settings_from_params(params, models="vae")
+    with pytest.raises(ScdgmError, match="unknown model"):
+        settings_from_params(params, models="ldvae,nope")
+    params["tune"]["spaces"]["ldvae"]["n_leaves"] = ["int", 1, 3]
+    with pytest.raises(ScdgmError, match="n_leaves is not a hyperparameter of ldvae"):
+        settings_from_params(params, models="ldvae")
+    del params["tune"]["spaces"]["ldvae"]["n_leaves"]
+    settings = settings_from_params(params, models="ldvae", num_samples=3, address="10.0.0.1:6380")
+    assert settings.num_samples == 3 and settings.address == "10.0.0.1:6380" and os.path.isabs(settings.data)
+    assert settings.fixed_params("ldvae")["max_epochs"] == settings.max_epochs

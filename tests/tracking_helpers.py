@@ -1,0 +1,73 @@
+"""Shared by the tracking, tuning, registry and cluster tests: a tiny prepared data set, an isolated MLflow
+store and Optuna storage per test, and readers for what they hold."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import PROJECT_ROOT, load_params
+
+TINY_SPACE = {
+    "n_hidden": ["choice", 16, 32],
+    "n_latent": ["int", 2, 4],
+    "lr": ["loguniform", 1e-3, 3e-2],
+    "batch_size": ["choice", 64, 128],
+}
+
+
+def write_tiny_prepared(path: Path, n_cells: int = 400, n_genes: int = 120, seed: int = 0) -> Path:
+    """Simulated counts run through `prepare` (QC, HVG, split), written as .h5ad."""
+    from pipelines.io import write_h5ad_atomic
+    from pipelines.prepare import prepare
+    from pipelines.simulate import simulate_programs
+
+    raw = simulate_programs(n_cells, n_genes, n_types=3, n_programs=4, genes_per_program=10, seed=seed)
+    settings = {"min_genes": 5, "max_genes": None, "min_cells": 3, "n_top_genes": n_genes // 2}
+    return write_h5ad_atomic(prepare(raw, settings, label_key="cell_type", seed=seed), path)
+
+
+def tiny_params(tmp_path: Path, data: Path, **tune: Any) -> Path:
+    """A params.yaml: the project's, with a tiny ldvae search space and the test's data and folders."""
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    params["data"] = {**(params.get("data") or {}), "prepared": str(data)}
+    section = dict(params.get("tune") or {})
+    section.update(
+        {
+            "models": ["ldvae"],
+            "num_samples": 4,
+            "max_concurrent": 1,
+            "max_epochs": 4,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "cpus_per_trial": 1,
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "results_dir": str(tmp_path / "ray_results"),
+            "out": str(tmp_path / "tune"),
+            "spaces": {"ldvae": dict(TINY_SPACE)},
+            "points_to_evaluate": [],
+        }
+    )
+    section.update(tune)
+    params["tune"] = section
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def isolated_tracking(monkeypatch: Any, tmp_path: Path) -> str:
+    """Point MLflow at a fresh SQLite file in `tmp_path` for this test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return uri
+
+
+def runs_by_role(uri: str, role: str) -> list[Any]:
+    """Every run of the store tagged with scdgm.role == `role`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`scdgm.role` = '{role}'", max_results=1000)
