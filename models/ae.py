@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.base import Embedding, EpochCallback, TrainingHistory
-from models.data import Batch, CountBatches, log_normalize, split_mask
+from models.data import Batch, log_normalize, split_mask
 from models.likelihoods import CountLikelihood, LibraryPrior
 from models.torch_model import TorchModel, TrainConfig
 from models.training import StepContext
@@ -188,9 +188,6 @@ class Autoencoder(TorchModel):
             nb = self.config.loss == "nb"
             module.decoder.init_baseline(log_mean_proportion(train_counts) if nb else mean_log_expression(train_counts))
         return module
-
-    def init_from_data(self, train_batches: CountBatches) -> None:
-        self.module.library_prior.fit(train_batches.log_library, train_batches.batch_codes)
 
     @property
     def n_latent(self) -> int:

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from models.data import Batch, CountBatches, expression_to_counts, log_normalize
+from models.data import Batch, expression_to_counts, log_normalize
 from models.likelihoods import LibraryPrior
 from models.nn import mlp, with_batch
 from models.torch_model import TorchModel, TrainConfig
@@ -222,6 +222,3 @@ class WGAN(TorchModel):
 
     def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> WGANModule:
         return WGANModule(n_genes, n_batches, self.config)
-
-    def init_from_data(self, train_batches: CountBatches) -> None:
-        self.module.library_prior.fit(train_batches.log_library, train_batches.batch_codes)

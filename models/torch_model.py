@@ -72,8 +72,11 @@ class TorchModel(GenerativeModel):
         """Create the torch module; `train_counts` (None when loading) lets it set data-derived buffers."""
 
     def init_from_data(self, train_batches: CountBatches) -> None:
-        """Set data-derived buffers of the new module from the training batches (e.g. a library-size prior
-        per batch, which needs the batch codes `build_module` does not see); nothing by default."""
+        """Set data-derived buffers of the new module from the training batches: a module with a
+        `library_prior` gets it fitted per batch (it needs the batch codes `build_module` does not see)."""
+        prior = getattr(self.module, "library_prior", None)
+        if prior is not None:
+            prior.fit(train_batches.log_library, train_batches.batch_codes)
 
     # --- fitting ---------------------------------------------------------------------------------------
     def fit(self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = ()) -> TrainingHistory:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.base import EpochCallback, TrainingHistory
-from models.data import Batch, CountBatches, split_mask
+from models.data import Batch, split_mask
 from models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
 from models.nn import mlp, with_batch
 from models.torch_model import TorchModel, TrainConfig
@@ -302,9 +302,6 @@ class VAE(TorchModel):
         if train_counts is not None:
             module.decoder.init_baseline(log_mean_proportion(train_counts))
         return module
-
-    def init_from_data(self, train_batches: CountBatches) -> None:
-        self.module.library_prior.fit(train_batches.log_library, train_batches.batch_codes)
 
     @property
     def n_latent(self) -> int:
