@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from interpret.loglinear import LogLinearProblem, step_test, stepwise_select
-from interpret.reference import contingency_table, glm_deviance, ipf_deviance
+from scdgm.interpret.loglinear import LogLinearProblem, step_test, stepwise_select
+from scdgm.interpret.reference import contingency_table, glm_deviance, ipf_deviance
 
 
 def synthetic_draws(n: int, p: int, q: int, factors: int = 5, seed: int = 0) -> tuple[sp.csr_matrix, np.ndarray]:

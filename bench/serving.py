@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving.loadgen import free_port, run_load, wait_until_ready  # noqa: E402
+from scdgm.serving.loadgen import free_port, run_load, wait_until_ready  # noqa: E402
 
 HOST = "127.0.0.1"
 TARGETS = {"explain_p50_ms": 20.0, "explain_p99_ms": 100.0, "embed_cells_per_s": 20000.0}
@@ -39,10 +39,10 @@ def build_model(folder: Path, n_cells: int, n_genes: int) -> Path:
     """Train and explain a benchmark LDVAE (10 latents, 128 hidden) on simulated counts."""
     import torch
 
-    from interpret.explain import run_explanation
-    from pipelines.prepare import prepare
-    from pipelines.simulate import simulate_programs
-    from pipelines.train import save_model_dir, train_model
+    from scdgm.interpret.explain import run_explanation
+    from scdgm.pipelines.prepare import prepare
+    from scdgm.pipelines.simulate import simulate_programs
+    from scdgm.pipelines.train import save_model_dir, train_model
 
     torch.set_num_threads(2)
     raw = simulate_programs(n_cells, n_genes + 500, seed=0)
@@ -58,7 +58,7 @@ def log_pyfuncs(model_dir: Path, folder: Path) -> tuple[str, dict[str, str]]:
     """Log the model with and without its explanation as pyfuncs in a fresh SQLite store."""
     import mlflow
 
-    from pipelines.pyfunc import log_pyfunc
+    from scdgm.pipelines.pyfunc import log_pyfunc
 
     store = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
@@ -148,7 +148,7 @@ def main() -> None:
     import anndata as ad
     import scipy.sparse as sp
 
-    from models import load_model
+    from scdgm.models import load_model
 
     folder = Path(tempfile.mkdtemp(prefix="scdgm-bench-serving-"))
     venv_bin = str(Path(sys.executable).parent)  # `mlflow models serve` runs `uvicorn` from PATH
@@ -157,7 +157,7 @@ def main() -> None:
     processes: list[subprocess.Popen] = []
     try:
         if args.model_uri:
-            from serving.resolve import resolve_model
+            from scdgm.serving.resolve import resolve_model
 
             model_dir = resolve_model(args.model_uri).directory
         else:

@@ -34,8 +34,8 @@ def measure(kind: str, n_cells: int, n_genes: int, epochs: int, threads: int, de
     """Train `kind` for 1 warm-up + `epochs` epochs on simulated cells; time the epochs after the warm-up."""
     import torch
 
-    from models import create_model
-    from pipelines.simulate import simulate_programs
+    from scdgm.models import create_model
+    from scdgm.pipelines.simulate import simulate_programs
 
     torch.set_num_threads(threads)
     adata = simulate_programs(n_cells, n_genes, seed=0)

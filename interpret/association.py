@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.feature_selection import f_classif, f_regression, mutual_info_classif, mutual_info_regression
 
-from pipelines.errors import InputError
+from scdgm.errors import InputError
 
 
 def _latent_names(n: int) -> list[str]:

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from interpret.loadings import top_genes
-from models.data import Batch
-from pipelines.errors import InputError
+from scdgm.interpret.loadings import top_genes
+from scdgm.models.data import Batch
+from scdgm.errors import InputError
 
 CHUNK_ELEMENTS = 2**24
 """Path points x genes held at once (64 MB of float32): bounds memory whatever the number of cells."""

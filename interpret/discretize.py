@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from pipelines.errors import InputError, ScdgmError
+from scdgm.errors import InputError, ScdgmError
 
 LatentRule = Literal["sign", "median"]
 Matrix = np.ndarray | sp.spmatrix | sp.sparray

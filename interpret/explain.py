@@ -26,16 +26,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from interpret import plots
-from interpret.association import label_latents, latent_association
-from interpret.discretize import Discretizer, fit_discretizer
-from interpret.explainer import REFERENCE_FILE, REFERENCE_FORMAT, REFERENCE_VERSION, log_normalized
-from interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
-from interpret.loglinear import SelectionResult, selection_stability, stepwise_select
-from interpret.patterns import PatternSummary, summarize_patterns
-from models.base import Samples
-from models.data import model_counts
-from pipelines.errors import InputError, ScdgmError
+from scdgm.interpret import plots
+from scdgm.interpret.association import label_latents, latent_association
+from scdgm.interpret.discretize import Discretizer, fit_discretizer
+from scdgm.interpret.explainer import REFERENCE_FILE, REFERENCE_FORMAT, REFERENCE_VERSION, log_normalized
+from scdgm.interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
+from scdgm.interpret.loglinear import SelectionResult, selection_stability, stepwise_select
+from scdgm.interpret.patterns import PatternSummary, summarize_patterns
+from scdgm.models.base import Samples
+from scdgm.models.data import model_counts
+from scdgm.errors import InputError, ScdgmError
 
 EXPLANATION_FORMAT = "scdgm-explanation"
 UNLABELLED = "unlabelled"
@@ -184,9 +184,9 @@ def _association_columns(obs: pd.DataFrame) -> list[str]:
 
 def _drivers(run: _Run, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(report section, reference section) of what drives the latents: loadings or integrated gradients."""
-    from interpret.attributions import global_attributions, latent_mean_function, top_attributed_genes
-    from interpret.genesets import immune_gene_sets, read_gmt
-    from interpret.loadings import has_loadings, summarize_loadings
+    from scdgm.interpret.attributions import global_attributions, latent_mean_function, top_attributed_genes
+    from scdgm.interpret.genesets import immune_gene_sets, read_gmt
+    from scdgm.interpret.loadings import has_loadings, summarize_loadings
 
     model, adata, settings = run.model, run.adata, run.settings
     if has_loadings(model):
@@ -419,7 +419,7 @@ def _selected_discretizer(discretizer: Discretizer, selected: list[int]) -> Disc
 
 def _selected_loadings(model: Any, selected: list[int], n_top: int) -> dict[str, list[float]]:
     """Loadings of the selected genes and of each factor's top genes (by |loading|), by gene name."""
-    from interpret.loadings import gene_importance
+    from scdgm.interpret.loadings import gene_importance
 
     loadings = model.loadings()
     names = [model.genes[g] for g in selected] + gene_importance(loadings).nlargest(n_top).index.tolist()

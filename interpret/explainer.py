@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipelines.errors import InputError, ScdgmError
+from scdgm.errors import InputError, ScdgmError
 
 REFERENCE_FORMAT = "scdgm-explanation-reference"
 REFERENCE_VERSION = 1
@@ -88,7 +88,7 @@ class Explainer:
     """A fitted model plus its explanation reference; `explain` maps counts (model gene order) to explanations."""
 
     def __init__(self, model: Any, reference: dict[str, Any]) -> None:
-        from interpret.label_transfer import LabelReference
+        from scdgm.interpret.label_transfer import LabelReference
 
         if reference.get("format") != REFERENCE_FORMAT or reference.get("version") != REFERENCE_VERSION:
             raise ScdgmError(f"not a {REFERENCE_FORMAT} v{REFERENCE_VERSION} document")
@@ -110,7 +110,7 @@ class Explainer:
     @classmethod
     def load(cls, model_dir: str | Path) -> Explainer:
         """Read the model directory and its explanation/reference.json (written by `scdgm explain`)."""
-        from models import load_model
+        from scdgm.models import load_model
 
         model_dir = Path(model_dir)
         path = model_dir / EXPLANATION_DIR / REFERENCE_FILE
@@ -124,7 +124,7 @@ class Explainer:
 
     def _prepare_drivers(self) -> None:
         """Everything per-model the drivers need: the encoder function, or loadings and gene scales."""
-        from interpret.attributions import latent_mean_function
+        from scdgm.interpret.attributions import latent_mean_function
 
         module = getattr(self.model, "module", None)
         self._module = module if module is not None and callable(getattr(module, "encode", None)) else None
@@ -207,8 +207,8 @@ class Explainer:
         self, counts: sp.csr_matrix, codes: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Latent mean/var through the encoder and, if asked, attributions of each cell's dominant latent."""
-        from interpret.attributions import integrated_gradients
-        from models.data import CountBatches
+        from scdgm.interpret.attributions import integrated_gradients
+        from scdgm.models.data import CountBatches
 
         device = self.model.device
         means, variances, attributions = [], [], []

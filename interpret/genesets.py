@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.errors import InputError
+from scdgm.errors import InputError
 
 IMMUNE_GMT = Path(__file__).resolve().parent / "resources" / "immune.gmt"
 

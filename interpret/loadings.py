@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pipelines.errors import InputError
+from scdgm.errors import InputError
 
 
 def has_loadings(model: Any) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipelines.errors import InputError, ScdgmError
+from scdgm.errors import InputError, ScdgmError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 Backend = Literal["threads", "ray"]
 Statistic = Callable[[np.ndarray], np.ndarray]

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import importlib
 
-from models.base import Embedding, GenerativeModel, Samples
-from pipelines.errors import ScdgmError
+from scdgm.models.base import Embedding, GenerativeModel, Samples
+from scdgm.errors import ScdgmError
 
 MODEL_CLASSES: dict[str, str] = {
-    "ae": "models.ae:Autoencoder",
-    "vae": "models.vae:VAE",
-    "ldvae": "models.vae:LDVAE",
-    "gan": "models.gan:WGAN",
-    "dbm": "models.dbm:DBM",
-    "pca": "models.pca:PCA",
+    "ae": "scdgm.models.ae:Autoencoder",
+    "vae": "scdgm.models.vae:VAE",
+    "ldvae": "scdgm.models.vae:LDVAE",
+    "gan": "scdgm.models.gan:WGAN",
+    "dbm": "scdgm.models.dbm:DBM",
+    "pca": "scdgm.models.pca:PCA",
 }
 MODEL_KINDS = tuple(MODEL_CLASSES)
 

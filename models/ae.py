@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.base import Embedding, EpochCallback, TrainingHistory
-from models.data import Batch, log_normalize, split_mask
-from models.likelihoods import CountLikelihood, LibraryPrior
-from models.torch_model import TorchModel, TrainConfig
-from models.training import StepContext
-from models.vae import Decoder, Encoder, adam, check_architecture, log_mean_proportion
-from pipelines.errors import ScdgmError
+from scdgm.models.base import Embedding, EpochCallback, TrainingHistory
+from scdgm.models.data import Batch, log_normalize, split_mask
+from scdgm.models.likelihoods import CountLikelihood, LibraryPrior
+from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.training import StepContext
+from scdgm.models.vae import Decoder, Encoder, adam, check_architecture, log_mean_proportion
+from scdgm.errors import ScdgmError
 
 SCALE = 1e4  # counts per cell of the log-normalised input of loss="mse"
 

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 Source = Literal["posterior", "prior"]
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -138,7 +138,7 @@ class GenerativeModel(ABC):
 
     def evaluate(self, adata: ad.AnnData, split: str | None = "test") -> dict[str, float]:
         """Held-out metrics on the cells of `split` (all cells when None or when there is no split column)."""
-        from models.evaluation import evaluate_model
+        from scdgm.models.evaluation import evaluate_model
 
         return evaluate_model(self, adata, split)
 
@@ -186,7 +186,7 @@ class GenerativeModel(ABC):
     @staticmethod
     def load(directory: str | Path) -> GenerativeModel:
         """Load any model saved by `save`; the kind recorded in config.json picks the class."""
-        from models import model_class  # local import: the registry imports every model module
+        from scdgm.models import model_class  # local import: the registry imports every model module
 
         directory = Path(directory)
         config_path = directory / "config.json"

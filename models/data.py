@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipelines.errors import InputError
+from scdgm.errors import InputError
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
-from models.data import Batch, model_counts
-from models.torch_model import TorchModel, TrainConfig
-from models.training import StepContext
-from pipelines.errors import InputError
+from scdgm.models.data import Batch, model_counts
+from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.training import StepContext
+from scdgm.errors import InputError
 
 PLL_CHUNK = 2**24  # cells × genes × hidden units evaluated at once by the exact pseudo-likelihood
 

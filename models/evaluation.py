@@ -15,11 +15,11 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from models.data import model_counts, split_mask
-from pipelines.errors import InputError
+from scdgm.models.data import model_counts, split_mask
+from scdgm.errors import InputError
 
 if TYPE_CHECKING:
-    from models.base import GenerativeModel
+    from scdgm.models.base import GenerativeModel
 
 MAX_CELLS = 2000
 TARGET_SUM = 1e4

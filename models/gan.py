@@ -35,12 +35,12 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from models.data import Batch, expression_to_counts, log_normalize
-from models.likelihoods import LibraryPrior
-from models.nn import mlp, with_batch
-from models.torch_model import TorchModel, TrainConfig
-from models.training import StepContext
-from pipelines.errors import InputError
+from scdgm.models.data import Batch, expression_to_counts, log_normalize
+from scdgm.models.likelihoods import LibraryPrior
+from scdgm.models.nn import mlp, with_batch
+from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.training import StepContext
+from scdgm.errors import InputError
 
 COUNT_NOISE = ("round", "poisson")
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # RBF bandwidths relative to the median squared distance of real cells

@@ -21,8 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from models.base import EpochCallback, Embedding, GenerativeModel, Samples, Source, TrainingHistory
-from models.data import (
+from scdgm.models.base import EpochCallback, Embedding, GenerativeModel, Samples, Source, TrainingHistory
+from scdgm.models.data import (
     CountBatches,
     count_matrix,
     expression_to_counts,
@@ -31,9 +31,9 @@ from models.data import (
     resolve_device,
     split_mask,
 )
-from models.likelihoods import LibraryPrior
-from models.training import seed_everything
-from pipelines.errors import InputError
+from scdgm.models.likelihoods import LibraryPrior
+from scdgm.models.training import seed_everything
+from scdgm.errors import InputError
 
 METHODS = ("ppca", "fa")
 CHUNK = 4096  # cells per chunk when streaming over a count matrix

@@ -15,10 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from models.base import EpochCallback, Embedding, GenerativeModel, Samples, Source, TrainingHistory, coerce_field_types
-from models.data import Batch, CountBatches, count_matrix, model_counts, resolve_device, split_mask
-from models.training import LoopConfig, fit_module, seed_everything
-from pipelines.errors import InputError
+from scdgm.models.base import EpochCallback, Embedding, GenerativeModel, Samples, Source, TrainingHistory, coerce_field_types
+from scdgm.models.data import Batch, CountBatches, count_matrix, model_counts, resolve_device, split_mask
+from scdgm.models.training import LoopConfig, fit_module, seed_everything
+from scdgm.errors import InputError
 
 
 @dataclass

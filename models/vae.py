@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.base import EpochCallback, TrainingHistory
-from models.data import Batch, split_mask
-from models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
-from models.nn import mlp, with_batch
-from models.torch_model import TorchModel, TrainConfig
-from models.training import StepContext
-from pipelines.errors import ScdgmError
+from scdgm.models.base import EpochCallback, TrainingHistory
+from scdgm.models.data import Batch, split_mask
+from scdgm.models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
+from scdgm.models.nn import mlp, with_batch
+from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.training import StepContext
+from scdgm.errors import ScdgmError
 
 VAR_EPS = 1e-4
 MAX_LOG_VAR = 12.0

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.errors import InputError
+from scdgm.errors import InputError
 
 if TYPE_CHECKING:
     import anndata as ad

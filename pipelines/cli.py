@@ -16,7 +16,7 @@ import typer
 # Spinning OpenMP threads make 2-thread torch 25-50x slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pipelines.errors import ScdgmError  # noqa: E402
+from scdgm.errors import ScdgmError  # noqa: E402
 
 app = typer.Typer(
     name="scdgm",
@@ -31,7 +31,7 @@ app.add_typer(data_app, name="data")
 
 def _register() -> None:
     """Attach every command; command modules keep heavy imports inside their functions so --help is fast."""
-    from pipelines import evaluate, explain, fetch, prepare, registry, report, serve, simulate, train, tune
+    from scdgm.pipelines import evaluate, explain, fetch, prepare, registry, report, serve, simulate, train, tune
 
     data_app.command("fetch")(fetch.fetch_command)
     data_app.command("simulate")(simulate.simulate_command)

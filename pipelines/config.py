@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"

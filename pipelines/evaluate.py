@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from pipelines import tracking
-from pipelines.errors import ScdgmError
+from scdgm.pipelines import tracking
+from scdgm.errors import ScdgmError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from models.base import GenerativeModel
+    from scdgm.models.base import GenerativeModel
 
 REPORTS = Path("reports")
 LOSS_PREFIXES = ("train_", "validation_")
@@ -89,11 +89,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `model_dir` on the cells of `split` and write the metrics, history and figures; `explanation`
     (default: the model's own explanation/) adds its summary."""
-    from interpret.plots import latent_scatter
-    from models import load_model
-    from models.data import split_mask
-    from pipelines.io import read_counts
-    from pipelines.pyfunc import explanation_folder
+    from scdgm.interpret.plots import latent_scatter
+    from scdgm.models import load_model
+    from scdgm.models.data import split_mask
+    from scdgm.pipelines.io import read_counts
+    from scdgm.pipelines.pyfunc import explanation_folder
 
     if not (model_dir / "config.json").is_file():
         raise ScdgmError(f"{model_dir}: not a model directory (no config.json)")

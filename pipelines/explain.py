@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 
 def explain_command(
@@ -21,11 +21,11 @@ def explain_command(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set explain.alpha=0.05.")] = None,
 ) -> None:
     """Explain a trained model: genes that form patterns with its latents, p-values, label transfer, plots."""
-    from interpret.explain import ExplainSettings, run_explanation
-    from interpret.explainer import EXPLANATION_DIR
-    from models import load_model
-    from pipelines.config import apply_overrides, load_params
-    from pipelines.io import read_counts
+    from scdgm.interpret.explain import ExplainSettings, run_explanation
+    from scdgm.interpret.explainer import EXPLANATION_DIR
+    from scdgm.models import load_model
+    from scdgm.pipelines.config import apply_overrides, load_params
+    from scdgm.pipelines.io import read_counts
 
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")

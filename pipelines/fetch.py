@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -109,7 +109,7 @@ def load_pbmc3k(cache_dir: Path | None = None) -> ad.AnnData:
     """PBMC 3k raw counts (2,700 cells x 32,738 genes, Ensembl ids in var['gene_ids']) as validated AnnData."""
     import anndata as ad
 
-    from pipelines.io import read_counts
+    from scdgm.pipelines.io import read_counts
 
     with warnings.catch_warnings():  # the 2020 file is in an old AnnData layout; we rewrite it in the current one
         warnings.simplefilter("ignore", ad.OldFormatWarning)
@@ -125,7 +125,7 @@ def load_pbmc3k(cache_dir: Path | None = None) -> ad.AnnData:
 
 def fetch_pbmc3k(out: Path, cache_dir: Path | None = None) -> Path:
     """Write PBMC 3k raw counts to `out` as a current-format .h5ad (atomically); returns the path."""
-    from pipelines.io import write_h5ad_atomic
+    from scdgm.pipelines.io import write_h5ad_atomic
 
     return write_h5ad_atomic(load_pbmc3k(cache_dir), out)
 
@@ -139,7 +139,7 @@ def fetch_command(
     ] = None,
 ) -> None:
     """Fetch a real dataset of raw counts (PBMC 3k) and write it as .h5ad."""
-    from pipelines.io import write_h5ad_atomic
+    from scdgm.pipelines.io import write_h5ad_atomic
 
     if dataset not in DATASETS:
         raise ScdgmError(

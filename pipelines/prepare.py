@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from pipelines.errors import InputError, ScdgmError
+from scdgm.errors import InputError, ScdgmError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -133,8 +133,8 @@ def prepare(
     """
     import pandas as pd
 
-    from pipelines.annotate import annotate_by_markers
-    from pipelines.io import validate_counts
+    from scdgm.pipelines.annotate import annotate_by_markers
+    from scdgm.pipelines.io import validate_counts
 
     settings = resolve_settings(params)
     label_key = label_key if label_key is not None else settings["label_key"]
@@ -198,8 +198,8 @@ def prepare_command(
     ] = None,
 ) -> None:
     """Quality-control, label, select genes and split raw counts into a ready-to-train .h5ad."""
-    from pipelines.config import apply_overrides, load_params
-    from pipelines.io import read_counts, write_h5ad_atomic
+    from scdgm.pipelines.config import apply_overrides, load_params
+    from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")

@@ -21,9 +21,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from interpret.explainer import EXPLANATION_DIR
-from pipelines.errors import ScdgmError
-from pipelines.tracking import RUN_RECORD
+from scdgm.interpret.explainer import EXPLANATION_DIR
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.tracking import RUN_RECORD
 
 MODEL_DIR_ARTIFACT = "model_dir"
 """Artifact key, and folder name inside the logged model's `artifacts/`."""
@@ -59,11 +59,11 @@ class ScdgmPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the model directory once; `predict` embeds cells, and explains them when an explanation is there."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from models import load_model
+        from scdgm.models import load_model
 
         directory = Path(context.artifacts[MODEL_DIR_ARTIFACT])
         if (directory / EXPLANATION_DIR).is_dir():
-            from interpret.explainer import Explainer
+            from scdgm.interpret.explainer import Explainer
 
             self.explainer = Explainer.load(directory)
             self.model = self.explainer.model
@@ -78,7 +78,7 @@ class ScdgmPyfunc(mlflow.pyfunc.PythonModel):
         import anndata as ad
         import scipy.sparse as sp
 
-        from models.data import align_genes
+        from scdgm.models.data import align_genes
 
         frame = pd.DataFrame(model_input)
         key = batch_key(self.model)
@@ -133,7 +133,7 @@ def explanation_folder(model_dir: Path, explanation: str | Path | None = None) -
 def log_pyfunc(model_dir: str | Path, name: str = "model", explanation: str | Path | None = None) -> str:
     """Log `model_dir` (with `explanation` attached as its explanation/, when given) as a pyfunc model of the
     active run, copied as `artifacts/model_dir/`; returns the logged model's URI (`models:/<model id>`)."""
-    from models import load_model
+    from scdgm.models import load_model
 
     model_dir = Path(model_dir)
     attached = explanation_folder(model_dir, explanation)
@@ -141,7 +141,7 @@ def log_pyfunc(model_dir: str | Path, name: str = "model", explanation: str | Pa
         staged = Path(staging) / MODEL_DIR_ARTIFACT
         shutil.copytree(model_dir, staged, ignore=shutil.ignore_patterns(RUN_RECORD, EXPLANATION_DIR))
         if attached is not None:
-            from interpret.explainer import Explainer
+            from scdgm.interpret.explainer import Explainer
 
             shutil.copytree(attached, staged / EXPLANATION_DIR)
             explainer = Explainer.load(staged)

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines import tracking
-from pipelines.errors import ScdgmError
+from scdgm.pipelines import tracking
+from scdgm.errors import ScdgmError
 
 
 @dataclass

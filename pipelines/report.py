@@ -9,10 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines import tracking
-from pipelines.config import load_params
-from pipelines.errors import ScdgmError
-from pipelines.tune import default_storage
+from scdgm.pipelines import tracking
+from scdgm.pipelines.config import load_params
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.tune import default_storage
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 

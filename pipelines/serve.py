@@ -31,7 +31,7 @@ def serve_command(
     access_log: Annotated[bool, typer.Option(help="JSON-lines access log on stderr.")] = True,
 ) -> None:
     """Serve latent embeddings and log-linear explanations of new cells over HTTP (docs at /docs)."""
-    from serving.settings import SETTINGS_ENV, ServeSettings
+    from scdgm.serving.settings import SETTINGS_ENV, ServeSettings
 
     settings = ServeSettings(
         model_uri=model_uri, host=host, port=port, workers=workers,
@@ -41,16 +41,16 @@ def serve_command(
         allow_non_integer=allow_non_integer, cors_origins=tuple(cors_origin or ()),
         torch_threads=torch_threads, access_log=access_log,
     ).validate()
-    from serving.resolve import resolve_model
+    from scdgm.serving.resolve import resolve_model
 
     resolve_model(settings.model_uri)  # a bad URI fails here fast, before torch is imported; fills the cache
     if host not in LOOPBACK and token_file is None:
         typer.echo(f"warning: listening on {host} without --token-file: anyone who reaches it can use the model", err=True)
-    from serving.service import ModelService
+    from scdgm.serving.service import ModelService
 
     service = ModelService.load(settings)  # loading errors are one line too, before anything listens
     if ray:
-        from serving import ray_deployment
+        from scdgm.serving import ray_deployment
 
         del service  # each replica loads its own copy
         typer.echo(f"scdgm: Ray Serve with {replicas} replica(s) on http://{host}:{port} (Ctrl-C stops)", err=True)
@@ -61,10 +61,10 @@ def serve_command(
 
     options = {"host": host, "port": port, "access_log": False, "log_level": "info", "timeout_graceful_shutdown": 10}
     if workers == 1:
-        from serving.app import create_app
+        from scdgm.serving.app import create_app
 
         uvicorn.run(create_app(settings, service), **options)
         return
     del service  # each worker process loads its own copy
     os.environ[SETTINGS_ENV] = settings.to_json()
-    uvicorn.run("serving.app:app_from_environment", factory=True, workers=workers, **options)
+    uvicorn.run("scdgm.serving.app:app_from_environment", factory=True, workers=workers, **options)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 import typer
 
-from pipelines.errors import InputError
+from scdgm.errors import InputError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -250,7 +250,7 @@ def simulate_command(
     n_signal_per_latent: Annotated[int, typer.Option(min=0, help="binary: signal genes per latent.")] = 5,
 ) -> None:
     """Simulate counts with known ground truth and write them as .h5ad."""
-    from pipelines.io import write_h5ad_atomic
+    from scdgm.pipelines.io import write_h5ad_atomic
 
     if kind is SimulationKind.programs:
         adata = simulate_programs(

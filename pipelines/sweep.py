@@ -34,9 +34,9 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
-from pipelines import tracking
-from pipelines.errors import ScdgmError
-from pipelines.tune import SweepSettings
+from scdgm.pipelines import tracking
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.tune import SweepSettings
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -135,7 +135,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     import anndata as ad
     import torch
 
-    from pipelines.train import train_model
+    from scdgm.pipelines.train import train_model
 
     torch.set_num_threads(max(1, setup.threads))
     trial_id = tune.get_context().get_trial_id()
@@ -481,7 +481,7 @@ def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> list[Path]:
 def _refit(settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, parent_run_id: str) -> None:
     """Train the best configuration again (its seed included, so the best trial is reproduced), save it
     under --out/models/<kind> and log it as the sweep run's pyfunc model."""
-    from pipelines.train import save_model_dir, train_model
+    from scdgm.pipelines.train import save_model_dir, train_model
 
     kind = outcome.kind
     model, metrics = train_model(kind, adata, {**settings.fixed_params(kind), **outcome.best_config})

@@ -22,13 +22,13 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipelines.config import PROJECT_ROOT, flatten
-from pipelines.errors import ScdgmError
+from scdgm.pipelines.config import PROJECT_ROOT, flatten
+from scdgm.errors import ScdgmError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from models.base import EpochCallback
+    from scdgm.models.base import EpochCallback
 
 DEFAULT_EXPERIMENT = "scdgm"
 RUN_RECORD = "mlflow_run.json"
@@ -292,7 +292,7 @@ def log_pyfunc_model(
     `models:/<model id>` URI."""
     import mlflow
 
-    from pipelines.pyfunc import log_pyfunc
+    from scdgm.pipelines.pyfunc import log_pyfunc
 
     pyfunc_logger = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_logger.level

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from pipelines.errors import InputError, ScdgmError
+from scdgm.errors import InputError, ScdgmError
 
 if TYPE_CHECKING:
     import anndata as ad
 
-    from models.base import EpochCallback, GenerativeModel
+    from scdgm.models.base import EpochCallback, GenerativeModel
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def model_params(kind: str, config: dict[str, Any], overrides: Sequence[str] | N
     """Hyperparameters of model `kind`: the top-level seed, `train.common` (keys this model has), `train.<kind>`,
     then `key=value` overrides. A common key no model knows, or a model key or override this model lacks, is an
     error naming the valid keys."""
-    from models import MODEL_KINDS, model_class
-    from pipelines.config import apply_overrides
+    from scdgm.models import MODEL_KINDS, model_class
+    from scdgm.pipelines.config import apply_overrides
 
     section = config.get("train") or {}
     known = {f.name for f in dataclasses.fields(model_class(kind).Config)}
@@ -66,8 +66,8 @@ def train_model(
 ) -> tuple[GenerativeModel, dict[str, float]]:
     """Fit a `kind` model with hyperparameters `params` on `adata` (obs['split'] train/validation, all cells
     without it) and evaluate it on the test split (all cells when there is none); returns (model, metrics)."""
-    from models import create_model
-    from models.data import split_mask
+    from scdgm.models import create_model
+    from scdgm.models.data import split_mask
 
     model = create_model(kind, params)
     history = model.fit(adata, callbacks)
@@ -121,7 +121,7 @@ def save_model_dir(model: GenerativeModel, metrics: dict[str, float], out: str |
 
 
 def _load(model: Path) -> GenerativeModel:
-    from models import load_model
+    from scdgm.models import load_model
 
     if not model.is_dir():
         raise InputError(f"model directory not found: {model}")
@@ -138,9 +138,9 @@ def train_command(
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
 ) -> None:
     """Train a model on prepared cells, evaluate it on the test split and save it with its metrics."""
-    from pipelines import tracking
-    from pipelines.config import load_params
-    from pipelines.io import read_counts
+    from scdgm.pipelines import tracking
+    from scdgm.pipelines.config import load_params
+    from scdgm.pipelines.io import read_counts
 
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
@@ -163,7 +163,7 @@ def embed_command(
     out: Annotated[Path, typer.Option("--out", help="Where to write the cells with obsm['X_scdgm'] (.h5ad).")],
 ) -> None:
     """Embed cells: latent means in obsm['X_scdgm'], their variances in obsm['X_scdgm_var']."""
-    from pipelines.io import read_counts, write_h5ad_atomic
+    from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 
     fitted = _load(model)
     adata = read_counts(data)
@@ -186,7 +186,7 @@ def sample_command(
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the model's).")] = None,
 ) -> None:
     """Draw synthetic cells from a trained model (counts in .X, latents in obsm['X_scdgm'])."""
-    from pipelines.io import read_counts, write_h5ad_atomic
+    from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 
     if source is SampleSource.posterior and data is None:
         raise InputError("posterior sampling needs the cells to draw for: pass --data")

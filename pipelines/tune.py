@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines import tracking
-from pipelines.config import PROJECT_ROOT, apply_overrides, load_params
-from pipelines.errors import ScdgmError
+from scdgm.pipelines import tracking
+from scdgm.pipelines.config import PROJECT_ROOT, apply_overrides, load_params
+from scdgm.errors import ScdgmError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 
@@ -100,8 +100,8 @@ def _absolute(path: str | Path) -> str:
 def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSettings:
     """Merge params.yaml's `tune:` section with command-line options (options win; None means not given).
     Hyperparameters not searched come from the train section, as `scdgm train` reads them."""
-    from models import MODEL_KINDS, model_class
-    from pipelines.train import model_params
+    from scdgm.models import MODEL_KINDS, model_class
+    from scdgm.pipelines.train import model_params
 
     section = dict(params.get("tune") or {})
     section.update({k: v for k, v in options.items() if v is not None and v != ""})
@@ -173,7 +173,7 @@ def tune_command(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set tune.grace_period=3.")] = None,
 ) -> None:
     """Tune hyperparameters: Optuna TPE proposes, Ray Tune runs trials, ASHA prunes; each trial is an MLflow run."""
-    from pipelines.sweep import SweepInterrupted, comparison_table, run_sweep
+    from scdgm.pipelines.sweep import SweepInterrupted, comparison_table, run_sweep
 
     if resume and overwrite:
         raise ScdgmError("--resume and --overwrite exclude each other")

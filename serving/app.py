@@ -20,10 +20,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from pipelines.errors import InputError, ScdgmError
-from serving.inputs import CellBatch, PayloadTooLarge, cells_from_h5ad, cells_from_json
-from serving.middleware import RequestContextMiddleware, error_body, request_id_of
-from serving.schemas import (
+from scdgm.errors import InputError, ScdgmError
+from scdgm.serving.inputs import CellBatch, PayloadTooLarge, cells_from_h5ad, cells_from_json
+from scdgm.serving.middleware import RequestContextMiddleware, error_body, request_id_of
+from scdgm.serving.schemas import (
     EmbedResponse,
     ErrorResponse,
     ExplainResponse,
@@ -32,8 +32,8 @@ from serving.schemas import (
     Ready,
     cells_request_body,
 )
-from serving.service import ModelService, NoExplanation
-from serving.settings import ServeSettings, read_token
+from scdgm.serving.service import ModelService, NoExplanation
+from scdgm.serving.settings import ServeSettings, read_token
 
 JSON = "application/json"
 

@@ -14,9 +14,9 @@ import numpy as np
 import orjson
 import scipy.sparse as sp
 
-from models.data import align_genes, count_matrix
-from pipelines.errors import InputError, ScdgmError
-from pipelines.io import validate_counts
+from scdgm.models.data import align_genes, count_matrix
+from scdgm.errors import InputError, ScdgmError
+from scdgm.pipelines.io import validate_counts
 
 DENSE_FIELDS = frozenset({"genes", "counts", "cells"})
 SPARSE_FIELDS = frozenset({"genes", "shape", "indices", "indptr", "data", "cells"})

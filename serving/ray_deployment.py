@@ -17,8 +17,8 @@ from typing import Any
 
 from ray import serve
 
-from serving.app import create_app
-from serving.settings import ServeSettings
+from scdgm.serving.app import create_app
+from scdgm.serving.settings import ServeSettings
 
 APP_NAME = "scdgm"
 

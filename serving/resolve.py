@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 MODEL_FILES = ("config.json", "genes.txt", "weights.safetensors")
 """Files that make a folder a scdgm model directory (see models.base.GenerativeModel.save)."""
@@ -50,7 +50,7 @@ def is_model_directory(path: Path) -> bool:
 def find_model_directory(root: Path) -> Path:
     """The scdgm model inside a downloaded pyfunc model (`artifacts/model_dir/`, see pipelines.pyfunc), or
     `root` itself when it is a model directory."""
-    from pipelines.pyfunc import MODEL_DIR_ARTIFACT
+    from scdgm.pipelines.pyfunc import MODEL_DIR_ARTIFACT
 
     for candidate in (root / "artifacts" / MODEL_DIR_ARTIFACT, root):
         if is_model_directory(candidate):
@@ -84,7 +84,7 @@ def _local_directory(uri: str) -> ResolvedModel:
 
 
 def _client(tracking_uri: str | None):  # noqa: ANN202 - MlflowClient is imported lazily
-    from pipelines.tracking import client, ensure_reachable, tracking_uri as default_tracking_uri
+    from scdgm.pipelines.tracking import client, ensure_reachable, tracking_uri as default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     ensure_reachable(uri)

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipelines.errors import ScdgmError
-from serving.inputs import CellBatch, InputLimits
-from serving.resolve import ResolvedModel, resolve_model
-from serving.settings import ServeSettings
+from scdgm.errors import ScdgmError
+from scdgm.serving.inputs import CellBatch, InputLimits
+from scdgm.serving.resolve import ResolvedModel, resolve_model
+from scdgm.serving.settings import ServeSettings
 
 logger = logging.getLogger("scdgm.serving")
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -45,8 +45,8 @@ class ModelService:
         """Resolve the model URI, load the model (and explanation), and precompute the /v1/model answer."""
         import torch
 
-        from interpret.explainer import EXPLANATION_DIR, REFERENCE_FILE, Explainer
-        from models import load_model
+        from scdgm.interpret.explainer import EXPLANATION_DIR, REFERENCE_FILE, Explainer
+        from scdgm.models import load_model
 
         torch.set_num_threads(settings.torch_threads)
         resolved = resolve_model(settings.model_uri, settings.tracking_uri, settings.cache_dir)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import ScdgmError
+from scdgm.errors import ScdgmError
 
 SETTINGS_ENV = "SCDGM_SERVE_SETTINGS"
 """Environment variable through which `scdgm serve --workers N` hands the settings to its worker processes."""

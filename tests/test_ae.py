@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import create_model, load_model
-from models.ae import Autoencoder
-from models.data import split_mask
-from models.evaluation import knn_accuracy
-from pipelines.errors import ScdgmError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
+from scdgm.models import create_model, load_model
+from scdgm.models.ae import Autoencoder
+from scdgm.models.data import split_mask
+from scdgm.models.evaluation import knn_accuracy
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
 
 QUIET = {"progress": False}
 

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from pipelines.annotate import annotate_by_markers, load_markers
-from pipelines.errors import InputError
-from pipelines.prepare import prepare
-from pipelines.simulate import simulate_programs
+from scdgm.pipelines.annotate import annotate_by_markers, load_markers
+from scdgm.errors import InputError
+from scdgm.pipelines.prepare import prepare
+from scdgm.pipelines.simulate import simulate_programs
 
 DOCUMENTED = {  # docs/data.md: the standard PBMC 3k markers
     "naive CD4 T": {"CCR7"},
@@ -68,7 +68,7 @@ def test_data_without_markers_is_refused():
 
 @pytest.mark.slow
 def test_pbmc3k_annotation_finds_the_known_types():
-    from pipelines.fetch import load_pbmc3k
+    from scdgm.pipelines.fetch import load_pbmc3k
 
     result = prepare(load_pbmc3k(), {}, seed=0)  # default QC, 2000 HVGs, annotation by markers
     assert 2600 <= result.n_obs <= 2700 and result.n_vars == 2000

@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from interpret.association import label_latents, latent_association, standardized_mean_differences
-from pipelines.errors import InputError
-from pipelines.simulate import simulate_programs
+from scdgm.interpret.association import label_latents, latent_association, standardized_mean_differences
+from scdgm.errors import InputError
+from scdgm.pipelines.simulate import simulate_programs
 
 N_TYPES = 4
 

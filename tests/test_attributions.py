@@ -3,16 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from interpret.attributions import (
+from scdgm import models
+from scdgm.interpret.attributions import (
     batch_attributions,
     cell_attributions,
     global_attributions,
     latent_mean_function,
     top_attributed_genes,
 )
-from pipelines.errors import InputError
-from pipelines.simulate import simulate_programs
+from scdgm.errors import InputError
+from scdgm.pipelines.simulate import simulate_programs
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import optuna
 import pytest
 from tracking_helpers import runs_by_role, tiny_params, write_tiny_prepared
 
-from pipelines.config import load_params
-from pipelines.sweep import run_sweep
-from pipelines.tune import settings_from_params
+from scdgm.pipelines.config import load_params
+from scdgm.pipelines.sweep import run_sweep
+from scdgm.pipelines.tune import settings_from_params
 
 pytestmark = pytest.mark.postgres
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test", "connect_timeout": 3}

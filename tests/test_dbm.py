@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import GenerativeModel
-from models.dbm import DBM, DBMModule
-from models.evaluation import PCASpace, mmd_rbf
-from pipelines.errors import InputError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
+from scdgm.models import GenerativeModel
+from scdgm.models.dbm import DBM, DBMModule
+from scdgm.models.evaluation import PCASpace, mmd_rbf
+from scdgm.errors import InputError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
 
 SPLIT = {"train": 0.7, "validation": 0.15, "test": 0.15}
 SMALL = {"n_hidden1": 48, "n_hidden2": 12, "n_chains": 200, "mean_field_steps": 5, "burn_in": 200, "progress": False}

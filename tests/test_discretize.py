@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from interpret.discretize import Discretizer, discretize, fit_discretizer
-from pipelines.errors import InputError, ScdgmError
+from scdgm.interpret.discretize import Discretizer, discretize, fit_discretizer
+from scdgm.errors import InputError, ScdgmError
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_latent_rules():
 
 
 def test_sparse_and_dense_inputs_give_identical_results(counts, monkeypatch):
-    monkeypatch.setattr("interpret.discretize.CHUNK_ELEMENTS", 300 * 7)  # several column blocks
+    monkeypatch.setattr("scdgm.interpret.discretize.CHUNK_ELEMENTS", 300 * 7)  # several column blocks
     z = np.random.default_rng(1).normal(size=(300, 3))
     dense_bits, dense_h, dense_rule = discretize(counts, z)
     sparse_bits, sparse_h, sparse_rule = discretize(sp.csr_matrix(counts), z)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import PROJECT_ROOT
+from scdgm.pipelines.config import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
 TINY_PIPELINE = {

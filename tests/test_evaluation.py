@@ -4,8 +4,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from models import create_model
-from models.evaluation import (
+from scdgm.models import create_model
+from scdgm.models.evaluation import (
     MAX_CELLS,
     PCASpace,
     c2st_auc,
@@ -14,9 +14,9 @@ from models.evaluation import (
     mmd_rbf,
     reconstruction_metrics,
 )
-from pipelines.errors import InputError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
+from scdgm.errors import InputError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
 
 RNG = np.random.default_rng(0)
 A, B = RNG.normal(size=(300, 5)), RNG.normal(size=(300, 5))

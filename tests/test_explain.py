@@ -5,13 +5,13 @@ import os
 import pandas as pd
 import pytest
 
-import models
-from interpret.explain import run_explanation
-from interpret.explainer import Explainer
-from pipelines.cli import main
-from pipelines.errors import InputError
-from pipelines.explain import summary
-from pipelines.simulate import simulate_binary, simulate_programs
+from scdgm import models
+from scdgm.interpret.explain import run_explanation
+from scdgm.interpret.explainer import Explainer
+from scdgm.pipelines.cli import main
+from scdgm.errors import InputError
+from scdgm.pipelines.explain import summary
+from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +130,10 @@ def test_pbmc3k_label_transfer_from_vae_draws(tmp_path):
     which matters because a draw's pattern is cut from sampled counts (NB: 0.56-0.64 over seeds; Poisson:
     0.67-0.68, in line with loglinear.md's 0.67).
     """
-    from pipelines.config import load_params
-    from pipelines.fetch import fetch_pbmc3k
-    from pipelines.io import read_counts
-    from pipelines.prepare import prepare
+    from scdgm.pipelines.config import load_params
+    from scdgm.pipelines.fetch import fetch_pbmc3k
+    from scdgm.pipelines.io import read_counts
+    from scdgm.pipelines.prepare import prepare
 
     raw = read_counts(fetch_pbmc3k(tmp_path / "raw.h5ad"))
     adata = prepare(raw, load_params()["prepare"], seed=0)

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-import models
-from interpret.explain import run_explanation
-from interpret.explainer import Explainer
-from pipelines.errors import InputError, ScdgmError
-from pipelines.simulate import simulate_programs
+from scdgm import models
+from scdgm.interpret.explain import run_explanation
+from scdgm.interpret.explainer import Explainer
+from scdgm.errors import InputError, ScdgmError
+from scdgm.pipelines.simulate import simulate_programs
 
 N_PROGRAMS = 4
 

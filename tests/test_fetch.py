@@ -9,8 +9,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from pipelines.cli import main
-from pipelines.fetch import PBMC3K_H5AD_SHA256, cached_pbmc3k, default_cache_dir, fetch_pbmc3k
+from scdgm.pipelines.cli import main
+from scdgm.pipelines.fetch import PBMC3K_H5AD_SHA256, cached_pbmc3k, default_cache_dir, fetch_pbmc3k
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import GenerativeModel
-from models.data import expression_to_counts
-from models.evaluation import PCASpace, knn_accuracy, mmd_rbf
-from models.gan import WGAN
-from pipelines.errors import InputError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
+from scdgm.models import GenerativeModel
+from scdgm.models.data import expression_to_counts
+from scdgm.models.evaluation import PCASpace, knn_accuracy, mmd_rbf
+from scdgm.models.gan import WGAN
+from scdgm.errors import InputError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
 
 SPLIT = {"train": 0.7, "validation": 0.15, "test": 0.15}
 SMALL = {"n_hidden": 128, "batch_size": 32, "lr": 1e-3, "progress": False}

@@ -14,8 +14,8 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from pipelines.errors import InputError, ScdgmError
-from pipelines.io import FORMATS, detect_format, read_counts, validate_counts, write_h5ad_atomic
+from scdgm.errors import InputError, ScdgmError
+from scdgm.pipelines.io import FORMATS, detect_format, read_counts, validate_counts, write_h5ad_atomic
 
 CELLS = [f"cell{i}" for i in range(6)]
 GENES = ["CD3D", "MS4A1", "LYZ", "NKG7"]
@@ -158,7 +158,7 @@ def test_explicit_format_overrides_the_name(tmp_path: Path, counts: np.ndarray) 
 
 def test_duplicate_gene_names_made_unique_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _gz(tmp_path / "d.csv", "cell,A,B,A,A\nc1,1,2,3,4\n")
-    with caplog.at_level(logging.WARNING, logger="pipelines.io"):
+    with caplog.at_level(logging.WARNING, logger="scdgm.pipelines.io"):
         adata = read_counts(path)
     assert list(adata.var_names) == ["A", "B", "A-1", "A-2"]
     assert "2 duplicated gene names" in caplog.text

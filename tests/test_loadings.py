@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import models
-from interpret.genesets import immune_gene_sets, read_gmt
-from interpret.loadings import gene_set_scores, model_loadings, summarize_loadings, top_genes, variance_explained
-from pipelines.errors import InputError
-from pipelines.simulate import simulate_programs
+from scdgm import models
+from scdgm.interpret.genesets import immune_gene_sets, read_gmt
+from scdgm.interpret.loadings import gene_set_scores, model_loadings, summarize_loadings, top_genes, variance_explained
+from scdgm.errors import InputError
+from scdgm.pipelines.simulate import simulate_programs
 
 N_PROGRAMS = 5
 

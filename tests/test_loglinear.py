@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import interpret.loglinear as loglinear
-from interpret.loglinear import LogLinearProblem, g2_matrix, stepwise_select
-from interpret.reference import contingency_table, glm_deviance, ipf_deviance, reference_g2_matrix
-from pipelines.errors import InputError, ScdgmError
+import scdgm.interpret.loglinear as loglinear
+from scdgm.interpret.loglinear import LogLinearProblem, g2_matrix, stepwise_select
+from scdgm.interpret.reference import contingency_table, glm_deviance, ipf_deviance, reference_g2_matrix
+from scdgm.errors import InputError, ScdgmError
 
 
 def random_problem(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from tracking_helpers import runs_by_role, write_tiny_prepared
 
-from pipelines.config import PROJECT_ROOT
+from scdgm.pipelines.config import PROJECT_ROOT
 
 ENTRY_POINTS = {"fetch", "prepare", "train", "tune", "explain", "evaluate", "register"}
 MLPROJECT_TYPES = {"string", "float", "path", "uri"}

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from interpret.patterns import classical_mds, js_distances, pattern_strings, summarize_patterns
+from scdgm.interpret.patterns import classical_mds, js_distances, pattern_strings, summarize_patterns
 
 
 def test_pattern_strings_dense_and_sparse():

@@ -6,12 +6,12 @@ from scipy.linalg import subspace_angles
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA as SklearnPCA
 
-from models import GenerativeModel
-from models.evaluation import PCASpace
-from models.pca import PCA
-from pipelines.errors import InputError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
+from scdgm.models import GenerativeModel
+from scdgm.models.evaluation import PCASpace
+from scdgm.models.pca import PCA
+from scdgm.errors import InputError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
 
 SPLIT = {"train": 0.7, "validation": 0.15, "test": 0.15}
 

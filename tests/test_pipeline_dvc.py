@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipelines.config import PROJECT_ROOT
+from scdgm.pipelines.config import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
 CODE = ("pipelines", "models", "interpret")

@@ -6,10 +6,10 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from pipelines.cli import main
-from pipelines.errors import InputError, ScdgmError
-from pipelines.prepare import SPLITS, prepare, split_cells
-from pipelines.simulate import simulate_binary, simulate_programs
+from scdgm.pipelines.cli import main
+from scdgm.errors import InputError, ScdgmError
+from scdgm.pipelines.prepare import SPLITS, prepare, split_cells
+from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 
 LOOSE_QC = {"min_genes": 10, "max_genes": None, "min_cells": 3}
 

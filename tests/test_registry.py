@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from tracking_helpers import isolated_tracking, write_tiny_prepared
 
-from pipelines import tracking
-from pipelines.cli import main
-from pipelines.errors import ScdgmError
-from pipelines.registry import register
+from scdgm.pipelines import tracking
+from scdgm.pipelines.cli import main
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.registry import register
 
 NAME = "tiny-ldvae"
 

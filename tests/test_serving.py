@@ -23,16 +23,16 @@ import pytest
 import scipy.sparse as sp
 import uvicorn
 
-from interpret.explain import run_explanation
-from interpret.explainer import Explainer
-from models import load_model
-from pipelines.prepare import prepare
-from pipelines.simulate import simulate_programs
-from pipelines.train import save_model_dir, train_model
-from serving.app import create_app
-from serving.loadgen import free_port, run_load, wait_until_ready
-from serving.service import ModelService
-from serving.settings import ServeSettings
+from scdgm.interpret.explain import run_explanation
+from scdgm.interpret.explainer import Explainer
+from scdgm.models import load_model
+from scdgm.pipelines.prepare import prepare
+from scdgm.pipelines.simulate import simulate_programs
+from scdgm.pipelines.train import save_model_dir, train_model
+from scdgm.serving.app import create_app
+from scdgm.serving.loadgen import free_port, run_load, wait_until_ready
+from scdgm.serving.service import ModelService
+from scdgm.serving.settings import ServeSettings
 
 HOST = "127.0.0.1"
 SCDGM = [sys.executable, "-c", "from pipelines.cli import main; main()"]
@@ -393,10 +393,10 @@ def test_cli_reports_a_bad_model_uri_in_one_line(tmp_path: Path) -> None:
 # --- model URIs from the MLflow registry -----------------------------------------------------------------------
 def test_registered_model_is_resolved_and_served(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  test_cells: ad.AnnData) -> None:
-    from pipelines import tracking
-    from pipelines.errors import ScdgmError
-    from pipelines.registry import register
-    from serving.resolve import resolve_model
+    from scdgm.pipelines import tracking
+    from scdgm.errors import ScdgmError
+    from scdgm.pipelines.registry import register
+    from scdgm.serving.resolve import resolve_model
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -423,7 +423,7 @@ def test_registered_model_is_resolved_and_served(model_dir: Path, tmp_path: Path
 
 # --- Ray Serve ---------------------------------------------------------------------------------------------------
 def test_ray_serve_deployment(model_dir: Path, test_cells: ad.AnnData) -> None:
-    from serving import ray_deployment
+    from scdgm.serving import ray_deployment
 
     settings = ServeSettings(model_uri=str(model_dir), port=free_port(), replicas=1, replica_cpus=1.0, access_log=False)
     with ray_deployment.running(settings, num_cpus=2), httpx.Client(base_url=f"http://{HOST}:{settings.port}",
@@ -489,10 +489,10 @@ def test_schemathesis_finds_no_server_errors(server: ThreadServer, capsys: pytes
 def test_pbmc3k_champion_serves_the_test_split(capsys: pytest.CaptureFixture) -> None:
     """`scdgm serve --model-uri models:/pbmc3k-ldvae@champion` embeds and explains the test split, and the
     transferred labels agree with the annotated types at least at the accuracy `scdgm explain` reported."""
-    from pipelines.config import PROJECT_ROOT, load_params
-    from pipelines.errors import ScdgmError
-    from pipelines.tracking import tracking_uri
-    from serving.resolve import resolve_model
+    from scdgm.pipelines.config import PROJECT_ROOT, load_params
+    from scdgm.errors import ScdgmError
+    from scdgm.pipelines.tracking import tracking_uri
+    from scdgm.serving.resolve import resolve_model
 
     params = load_params()
     uri = f"models:/{params['register']['name']}@{params['register']['alias']}"

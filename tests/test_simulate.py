@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipelines.cli import main
-from pipelines.errors import InputError
-from pipelines.simulate import simulate_binary, simulate_programs
+from scdgm.pipelines.cli import main
+from scdgm.errors import InputError
+from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 
 
 def assert_sparse_counts(adata: ad.AnnData) -> None:

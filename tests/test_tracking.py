@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from tracking_helpers import isolated_tracking, write_tiny_prepared
 
-from pipelines import tracking
-from pipelines.cli import main
-from pipelines.config import PROJECT_ROOT
+from scdgm.pipelines import tracking
+from scdgm.pipelines.cli import main
+from scdgm.pipelines.config import PROJECT_ROOT
 
 EPOCHS = 3
 
@@ -72,7 +72,7 @@ def test_train_run_records_params_epochs_lineage_tags_and_artifacts(trained, tin
 def test_logged_pyfunc_embeds_cells_aligned_by_gene_name(trained, tiny_data):
     import anndata as ad
 
-    from models import load_model
+    from scdgm.models import load_model
 
     uri, out, run = trained
     adata = ad.read_h5ad(tiny_data)[:20]

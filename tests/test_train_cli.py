@@ -9,12 +9,12 @@ import pytest
 import yaml
 from tracking_helpers import isolated_tracking
 
-from models import load_model
-from pipelines.cli import main
-from pipelines.errors import ScdgmError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
-from pipelines.train import model_params, save_model_dir, train_model
+from scdgm.models import load_model
+from scdgm.pipelines.cli import main
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
+from scdgm.pipelines.train import model_params, save_model_dir, train_model
 
 FAST = ["--set", "max_epochs=3", "--set", "progress=false", "--set", "n_importance=5"]
 
@@ -136,7 +136,7 @@ def test_params_yaml_sections_then_overrides(tmp_path):
         model_params("vae", {"train": {"common": {"epochs": 5}}})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"train": {"vae": {"n_hidden": "wide"}}}))
-    from pipelines.config import load_params
+    from scdgm.pipelines.config import load_params
 
     with pytest.raises(ScdgmError, match="n_hidden: expected int"):
         model_params("vae", load_params(path))

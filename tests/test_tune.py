@@ -14,11 +14,11 @@ import pytest
 import yaml
 from tracking_helpers import isolated_tracking, runs_by_role, tiny_params, write_tiny_prepared
 
-from pipelines.config import load_params
-from pipelines.errors import ScdgmError
-from pipelines.sweep import SweepInterrupted, run_sweep
-from pipelines.train import model_params
-from pipelines.tune import check_space, settings_from_params
+from scdgm.pipelines.config import load_params
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.sweep import SweepInterrupted, run_sweep
+from scdgm.pipelines.train import model_params
+from scdgm.pipelines.tune import check_space, settings_from_params
 
 DIVERGING = {"lr": 10000.0, "n_hidden": 16, "n_latent": 2, "batch_size": 64}
 
@@ -81,7 +81,7 @@ def test_sweep_prunes_survives_a_failing_trial_and_refits_the_best(tiny_data, lo
 
 
 def load_model_genes(model_dir: str) -> list[str]:
-    from models import load_model
+    from scdgm.models import load_model
 
     return load_model(model_dir).genes
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from scipy import stats
 
-from models import create_model, load_model
-from models.data import split_mask
-from models.evaluation import knn_accuracy
-from models.training import LoopConfig, StepContext
-from models.vae import LDVAE, VAE, VAEConfig, varimax
-from pipelines.errors import ScdgmError
-from pipelines.prepare import split_cells
-from pipelines.simulate import simulate_programs
+from scdgm.models import create_model, load_model
+from scdgm.models.data import split_mask
+from scdgm.models.evaluation import knn_accuracy
+from scdgm.models.training import LoopConfig, StepContext
+from scdgm.models.vae import LDVAE, VAE, VAEConfig, varimax
+from scdgm.errors import ScdgmError
+from scdgm.pipelines.prepare import split_cells
+from scdgm.pipelines.simulate import simulate_programs
 
 SPLIT = {"train": 0.8, "validation": 0.1, "test": 0.1}
 QUIET = {"progress": False}
@@ -222,9 +222,9 @@ def test_unknown_batch_values_and_bad_options_are_user_errors(small):
 
 @pytest.mark.slow
 def test_ldvae_factors_group_pbmc_marker_pairs():
-    from pipelines.config import load_params
-    from pipelines.fetch import load_pbmc3k
-    from pipelines.prepare import prepare
+    from scdgm.pipelines.config import load_params
+    from scdgm.pipelines.fetch import load_pbmc3k
+    from scdgm.pipelines.prepare import prepare
 
     adata = prepare(load_pbmc3k(), load_params()["prepare"], seed=0)
     model = create_model("ldvae", {"n_latent": 10, "max_epochs": 200, "patience": 20, **QUIET})

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import PROJECT_ROOT, load_params
+from scdgm.pipelines.config import PROJECT_ROOT, load_params
 
 TINY_SPACE = {
     "n_hidden": ["choice", 16, 32],
@@ -19,9 +19,9 @@ TINY_SPACE = {
 
 def write_tiny_prepared(path: Path, n_cells: int = 400, n_genes: int = 120, seed: int = 0) -> Path:
     """Simulated counts run through `prepare` (QC, HVG, split), written as .h5ad."""
-    from pipelines.io import write_h5ad_atomic
-    from pipelines.prepare import prepare
-    from pipelines.simulate import simulate_programs
+    from scdgm.pipelines.io import write_h5ad_atomic
+    from scdgm.pipelines.prepare import prepare
+    from scdgm.pipelines.simulate import simulate_programs
 
     raw = simulate_programs(n_cells, n_genes, n_types=3, n_programs=4, genes_per_program=10, seed=seed)
     settings = {"min_genes": 5, "max_genes": None, "min_cells": 3, "n_top_genes": n_genes // 2}
