@@ -1,4 +1,5 @@
-"""params.yaml loading and `--set key=value` overrides, shared by the CLI, DVC stages and the tuner."""
+"""Parameters of a run: the packaged defaults, then the project's params.yaml, then a `--params` file, then
+`--set key=value` overrides; shared by the CLI, DVC stages and the tuner."""
 from __future__ import annotations
 
 import copy
@@ -7,23 +8,20 @@ from typing import Any
 
 import yaml
 
+from scdgm.defaults import PARAMS_FILE, default_params, merge, read_params_file
 from scdgm.errors import ScdgmError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+from scdgm.project import project_dir
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """Read params.yaml (the project's by default); a missing or malformed file is a user error."""
-    path = Path(path) if path is not None else DEFAULT_PARAMS
-    if not path.exists():
-        return {}
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ScdgmError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(params, dict):
-        raise ScdgmError(f"{path}: expected a mapping at the top level")
+    """Every parameter of a run: packaged defaults updated by the project's params.yaml (when present) and by the
+    file `path` (when given; a relative path is taken from the working directory, as the shell does)."""
+    params = default_params()
+    project_file = project_dir() / PARAMS_FILE
+    if project_file.is_file():
+        params = merge(params, read_params_file(project_file))
+    if path is not None and Path(path).resolve() != project_file:
+        params = merge(params, read_params_file(path))
     return params
 
 

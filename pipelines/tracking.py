@@ -1,8 +1,8 @@
 """MLflow tracking: where runs go, what a run records (params, per-epoch metrics, lineage, artifacts, tags,
 the model as pyfunc) and the record a model directory keeps of the run that produced it.
 
-The store is SQLite at an absolute path inside the project (`sqlite:///<repo>/mlflow.db`, artifacts in
-`<repo>/mlartifacts`) unless MLFLOW_TRACKING_URI names another store or a tracking server. Paths are
+The store is SQLite at an absolute path inside the project (`sqlite:///<project>/mlflow.db`, artifacts in
+`<project>/mlartifacts`) unless MLFLOW_TRACKING_URI names another store or a tracking server. Paths are
 absolute so Ray trials (which run in other working directories) and DVC stages all write to one store.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from scdgm.pipelines.config import PROJECT_ROOT, flatten
+from scdgm.pipelines.config import flatten
+from scdgm.project import project_dir
 from scdgm.errors import ScdgmError
 
 if TYPE_CHECKING:
@@ -53,10 +54,10 @@ TAG_PRUNED = "scdgm.pruned"
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set (relative SQLite paths made absolute), else `sqlite:///<repo>/mlflow.db`."""
+    """MLFLOW_TRACKING_URI when set (relative SQLite paths made absolute), else `sqlite:///<project>/mlflow.db`."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
-        return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+        return f"sqlite:///{project_dir() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:  # a plain folder: MLflow's file store, refused by MLflow 3 unless explicitly allowed
@@ -71,14 +72,14 @@ def experiment_name(params: dict[str, Any] | None = None) -> str:
 
 
 def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: next to a SQLite file, `<repo>/mlartifacts` for other local
+    """Where a new experiment keeps artifacts: next to a SQLite file, `<project>/mlartifacts` for other local
     databases, and whatever the server decides (None) for a tracking server."""
     scheme = urlparse(uri).scheme
     if scheme in SERVER_SCHEMES:
         return None
     if scheme == "sqlite":
         return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
-    return str(PROJECT_ROOT / "mlartifacts")
+    return str(project_dir() / "mlartifacts")
 
 
 def client(uri: str | None = None) -> MlflowClient:
@@ -114,7 +115,7 @@ def git_tags() -> dict[str, str]:
     """The project's git commit and whether the working tree differs from it (empty outside git)."""
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", *args], cwd=project_dir(), capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
 
     try:
@@ -163,13 +164,13 @@ def _file_md5(path: Path) -> str:
 
 def _dvc_recorded_outs() -> Iterator[tuple[Path, dict[str, Any]]]:
     """(absolute path, out entry) of every output recorded in dvc.lock and in *.dvc files of data/."""
-    lock = PROJECT_ROOT / "dvc.lock"
+    lock = project_dir() / "dvc.lock"
     if lock.exists():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for stage in stages.values():
             for out in stage.get("outs", []) or []:
-                yield (PROJECT_ROOT / out["path"]).resolve(), out
-    for dvc_file in (PROJECT_ROOT / "data").rglob("*.dvc") if (PROJECT_ROOT / "data").exists() else []:
+                yield (project_dir() / out["path"]).resolve(), out
+    for dvc_file in (project_dir() / "data").rglob("*.dvc") if (project_dir() / "data").exists() else []:
         for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []) or []:
             yield (dvc_file.parent / out["path"]).resolve(), out
 

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from scdgm.pipelines import tracking
-from scdgm.pipelines.config import PROJECT_ROOT, apply_overrides, load_params
+from scdgm.pipelines.config import apply_overrides, load_params
+from scdgm.project import project_path
 from scdgm.errors import ScdgmError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
@@ -21,7 +22,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 
 def default_storage() -> str:
     """The Optuna storage used without --storage: SQLite at an absolute path inside the project."""
-    return f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+    return f"sqlite:///{project_path('optuna.db')}"
 
 
 def check_space(kind: str, space: Any) -> dict[str, Any]:
@@ -63,8 +64,8 @@ class SweepSettings:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     storage: str = field(default_factory=default_storage)
-    results_dir: str = str(PROJECT_ROOT / "ray_results")
-    out: str = str(PROJECT_ROOT / "reports" / "tune")
+    results_dir: str = field(default_factory=lambda: str(project_path("ray_results")))
+    out: str = field(default_factory=lambda: str(project_path("reports", "tune")))
     experiment: str = tracking.DEFAULT_EXPERIMENT
     seed: int = 0
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)

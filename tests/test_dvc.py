@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scdgm.pipelines.config import PROJECT_ROOT
+from repo import REPO_ROOT
 
 BIN = Path(sys.executable).parent
 TINY_PIPELINE = {
@@ -42,7 +42,7 @@ def dvc(project: Path, *args: str) -> str:
 
 
 def test_project_pipeline_tracks_code_params_and_data():
-    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages)[:2] == ["fetch", "prepare"]
     assert stages["fetch"]["cmd"].startswith("scdgm data fetch")
     prepare = stages["prepare"]
@@ -51,12 +51,12 @@ def test_project_pipeline_tracks_code_params_and_data():
     assert stages["fetch"]["outs"][0] in prepare["deps"]
     assert set(prepare["params"]) == {"seed", "prepare"}
     config = configparser.ConfigParser()
-    config.read(PROJECT_ROOT / ".dvc" / "config")
+    config.read(REPO_ROOT / ".dvc" / "config")
     assert config["core"]["analytics"] == "false"
     remote = config["core"]["remote"]
     url = config[f"'remote \"{remote}\"'"]["url"]
     assert not os.path.isabs(url)  # works wherever the repository is cloned
-    ignored = (PROJECT_ROOT / ".dvc" / ".gitignore").read_text().split()
+    ignored = (REPO_ROOT / ".dvc" / ".gitignore").read_text().split()
     assert f"/{url}" in ignored
 
 
@@ -66,7 +66,7 @@ def tiny_project(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / ".dvc").mkdir()
     for name in (".dvc/config", ".dvc/.gitignore", ".dvcignore"):
-        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(TINY_PIPELINE, sort_keys=False))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     return tmp_path

@@ -10,14 +10,14 @@ import pytest
 import yaml
 from tracking_helpers import runs_by_role, write_tiny_prepared
 
-from scdgm.pipelines.config import PROJECT_ROOT
+from repo import REPO_ROOT
 
 ENTRY_POINTS = {"fetch", "prepare", "train", "tune", "explain", "evaluate", "register"}
 MLPROJECT_TYPES = {"string", "float", "path", "uri"}
 
 
 def test_mlproject_declares_every_entry_point_with_typed_parameters():
-    project = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())
+    project = yaml.safe_load((REPO_ROOT / "MLproject").read_text())
     assert set(project["entry_points"]) == ENTRY_POINTS
     for name, entry in project["entry_points"].items():
         for parameter, spec in entry["parameters"].items():
@@ -34,7 +34,7 @@ def test_mlflow_run_tune_entry_point_offline(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
     result = subprocess.run(
-        [str(bin_dir / "mlflow"), "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
+        [str(bin_dir / "mlflow"), "run", str(REPO_ROOT), "-e", "tune", "--env-manager", "local",
          "--experiment-name", "mlproject",
          "-P", "model=ldvae", "-P", "num_samples=4", "-P", "max_epochs=2", "-P", "max_concurrent=1",
          "-P", f"data={data}", "-P", f"out={tmp_path / 'tune'}", "-P", f"storage=sqlite:///{tmp_path / 'optuna.db'}",

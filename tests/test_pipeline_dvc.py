@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from scdgm.pipelines.config import PROJECT_ROOT
+from repo import REPO_ROOT
 
 BIN = Path(sys.executable).parent
 CODE = ("pipelines", "models", "interpret")
@@ -20,7 +20,7 @@ CODE = ("pipelines", "models", "interpret")
 
 def tiny_params(project: Path) -> dict:
     """The project's params.yaml with small sizes and stores inside the scratch project."""
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["data"] = {"dataset": "sim", "raw": "data/raw/sim.h5ad", "prepared": "data/prepared/sim.h5ad"}
     params["prepare"].update(min_genes=5, max_genes=None, min_cells=3, n_top_genes=60, label_key="cell_type")
     params["train"]["common"].update(max_epochs=3, patience=3)
@@ -48,8 +48,8 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     for name in CODE:
-        shutil.copytree(PROJECT_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    pipeline = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+        shutil.copytree(REPO_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pipeline = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     pipeline["stages"]["fetch"] = {  # offline: simulated cells stand in for the PBMC download
         "cmd": "scdgm data simulate --n-cells 400 --n-genes 120 --n-types 3 --n-programs 4 --genes-per-program 10 "
         "--seed ${seed} --out ${data.raw}",

@@ -489,14 +489,15 @@ def test_schemathesis_finds_no_server_errors(server: ThreadServer, capsys: pytes
 def test_pbmc3k_champion_serves_the_test_split(capsys: pytest.CaptureFixture) -> None:
     """`scdgm serve --model-uri models:/pbmc3k-ldvae@champion` embeds and explains the test split, and the
     transferred labels agree with the annotated types at least at the accuracy `scdgm explain` reported."""
-    from scdgm.pipelines.config import PROJECT_ROOT, load_params
+    from repo import REPO_ROOT
+    from scdgm.pipelines.config import load_params
     from scdgm.errors import ScdgmError
     from scdgm.pipelines.tracking import tracking_uri
     from scdgm.serving.resolve import resolve_model
 
     params = load_params()
     uri = f"models:/{params['register']['name']}@{params['register']['alias']}"
-    prepared_path = PROJECT_ROOT / params["data"]["prepared"]
+    prepared_path = REPO_ROOT / params["data"]["prepared"]
     store = tracking_uri()
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         pytest.skip(f"no MLflow store at {store}: run `make demo` first")  # (opening it would create it)

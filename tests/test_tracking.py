@@ -12,7 +12,7 @@ from tracking_helpers import isolated_tracking, write_tiny_prepared
 
 from scdgm.pipelines import tracking
 from scdgm.pipelines.cli import main
-from scdgm.pipelines.config import PROJECT_ROOT
+from repo import REPO_ROOT
 
 EPOCHS = 3
 
@@ -37,8 +37,8 @@ def trained(tiny_data, tmp_path_factory):
 
 def test_tracking_uri_defaults_to_sqlite_in_the_project_and_env_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-    assert tracking.artifact_location(tracking.tracking_uri()) == str(PROJECT_ROOT / "mlartifacts")
+    assert tracking.tracking_uri() == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    assert tracking.artifact_location(tracking.tracking_uri()) == str(REPO_ROOT / "mlartifacts")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs.db")  # relative: made absolute for Ray trials
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'runs.db'}"
@@ -103,8 +103,8 @@ def test_diverging_training_is_a_failed_run(tiny_data, tmp_path, monkeypatch):
 
 
 def test_lineage_takes_the_md5_dvc_recorded():
-    prepared = PROJECT_ROOT / "data" / "prepared" / "pbmc3k.h5ad"
-    if not (PROJECT_ROOT / "dvc.lock").exists() or not prepared.exists():
+    prepared = REPO_ROOT / "data" / "prepared" / "pbmc3k.h5ad"
+    if not (REPO_ROOT / "dvc.lock").exists() or not prepared.exists():
         pytest.skip("the DVC-tracked PBMC 3k data is not in this checkout (run `dvc repro prepare`)")
     lineage = tracking.dataset_lineage(prepared, 1, 1)
     if lineage.md5_source != "dvc":

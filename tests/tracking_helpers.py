@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from scdgm.pipelines.config import PROJECT_ROOT, load_params
+from repo import REPO_ROOT
+from scdgm.pipelines.config import load_params
 
 TINY_SPACE = {
     "n_hidden": ["choice", 16, 32],
@@ -30,7 +31,7 @@ def write_tiny_prepared(path: Path, n_cells: int = 400, n_genes: int = 120, seed
 
 def tiny_params(tmp_path: Path, data: Path, **tune: Any) -> Path:
     """A params.yaml: the project's, with a tiny ldvae search space and the test's data and folders."""
-    params = load_params(PROJECT_ROOT / "params.yaml")
+    params = load_params(REPO_ROOT / "params.yaml")
     params["data"] = {**(params.get("data") or {}), "prepared": str(data)}
     section = dict(params.get("tune") or {})
     section.update(
