@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The machine's pip.conf points at a local folder holding the CPU build of torch; uv needs it spelled out.
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
-UV_FLAGS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
+ifneq ($(FIND_LINKS),)
+export UV_FIND_LINKS := $(FIND_LINKS)
+endif
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -17,7 +19,7 @@ export DO_NOT_TRACK := 1
 $(BIN)/scdgm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "uv>=0.4"
-	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python $(UV_FLAGS) -e ".[test]"
+	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e ".[test]"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(BIN)/scdgm
 

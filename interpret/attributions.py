@@ -1,56 +1,64 @@
 """Gene attributions of each latent mean for non-linear models, by integrated gradients (Captum).
 
-The attributed function maps a cell's counts to its latent means through the model's own encoder
-(`module.encode`); the log library size is recomputed from the input inside the function, so attributions
-are of counts alone. The baseline is the all-zero cell: gene i's attribution to latent j is
-(x_i - 0) times the average gradient of mean_j along the straight path from 0 to x, and the attributions of
-a cell sum to mean_j(x) - mean_j(0) (completeness, up to the quadrature error of `n_steps` points).
+The attributed function maps a cell's counts to its latent means through the model's own encoder (a
+`CountEncoder`'s `encode_counts`, which recomputes the log library size from the input), so attributions are of
+counts alone. The baseline is the all-zero cell: gene i's attribution to latent j is (x_i - 0) times the average
+gradient of mean_j along the straight path from 0 to x, and the attributions of a cell sum to
+mean_j(x) - mean_j(0) (completeness, up to the quadrature error of `n_steps` points).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from captum.attr import IntegratedGradients
 
-from scdgm.interpret.loadings import top_genes
-from scdgm.models.data import Batch
 from scdgm.errors import InputError
+from scdgm.interpret.loadings import top_genes
+from scdgm.models.base import CountEncoder, GenerativeModel
+from scdgm.models.data import Batch, CountBatches, model_counts
 
 CHUNK_ELEMENTS = 2**24
 """Path points x genes held at once (64 MB of float32): bounds memory whatever the number of cells."""
 
 
-class LatentMean(nn.Module):
-    """counts (cells x genes) -> latent mean (cells x latents) through a torch model's encoder."""
+class LatentMean:
+    """counts (cells x genes) -> latent mean (cells x latents) through a model's count encoder."""
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
+    def __init__(self, model: CountEncoder) -> None:
+        self.model = model
 
-    def forward(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
-        log_library = torch.log(x.sum(dim=1).clamp_min(1.0))
-        index = torch.arange(x.shape[0], device=x.device)
-        return self.module.encode(Batch(x=x, log_library=log_library, batch_index=batch_index, index=index))[0]
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def __call__(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.encode_counts(x, batch_index)
 
 
-def latent_mean_function(model: Any) -> LatentMean:
-    """The attributed function of a fitted torch model with an encoder, in eval mode.
+def latent_mean_function(model: GenerativeModel) -> LatentMean:
+    """The attributed function of a fitted model that declares a count encoder (`CountEncoder`).
 
-    Binary-output models (the DBM) threshold the counts before encoding, so every gradient with respect to the
-    counts is zero: they are refused rather than given all-zero attributions.
+    Other models are refused: PCA has no encoder to differentiate, and the DBM binarises the counts before
+    encoding, so every gradient with respect to the counts would be zero.
     """
-    module = getattr(model, "module", None)
-    name = getattr(model, "kind", type(model).__name__)
-    if module is None or not callable(getattr(module, "encode", None)):
-        raise InputError(f"{name}: attributions need a fitted model with an encoder")
-    if getattr(model, "output", "counts") == "binary":
-        raise InputError(f"{name}: its encoder binarises the counts, so gradient attributions are all zero")
-    return LatentMean(module).eval()
+    if not isinstance(model, CountEncoder):
+        raise InputError(f"{model.kind}: attributions need a model whose encoder reads the counts differentiably")
+    if not model.genes:
+        raise InputError(f"{model.kind}: attributions need a fitted model with an encoder")
+    return LatentMean(model)
+
+
+def model_batches(
+    model: GenerativeModel, adata: ad.AnnData, batch_size: int, device: torch.device
+) -> CountBatches:
+    """Batches of `adata`'s cells in the model's gene order with their batch codes, on `device`."""
+    counts = model_counts(adata, model.genes)
+    codes = model.batch_codes(model.batch_labels(adata.obs), adata.n_obs)
+    return CountBatches(counts, batch_codes=codes, batch_size=batch_size, device=device)
 
 
 def integrated_gradients(
@@ -61,8 +69,6 @@ def integrated_gradients(
     n_steps: int = 16,
 ) -> torch.Tensor:
     """Attributions (cells x genes) of latent `targets[c]` for each cell c, zero baseline, in chunks of cells."""
-    from captum.attr import IntegratedGradients
-
     if n_steps < 2:
         raise InputError(f"n_steps must be at least 2, got {n_steps}")
     method = IntegratedGradients(function)
@@ -91,18 +97,18 @@ def batch_attributions(function: LatentMean, batch: Batch, latents: Sequence[int
 
 
 def cell_attributions(
-    model: Any, adata: ad.AnnData, latents: Sequence[int] | None = None, n_steps: int = 16, batch_size: int = 256
+    model: GenerativeModel, adata: ad.AnnData, latents: Sequence[int] | None = None, n_steps: int = 16, batch_size: int = 256
 ) -> np.ndarray:
     """Per-cell attributions, cells x latents x genes (model gene order), of `latents` (all by default)."""
     function = latent_mean_function(model)
     latents = list(range(model.n_latent)) if latents is None else list(latents)
-    batches = model.inference_batches(adata, batch_size)
+    batches = model_batches(model, adata, batch_size, function.device)
     parts = [batch_attributions(function, batch, latents, n_steps).cpu() for batch in batches]
     return torch.cat(parts).numpy()
 
 
 def global_attributions(
-    model: Any, adata: ad.AnnData, n_cells: int = 300, n_steps: int = 16, seed: int = 0, batch_size: int = 64
+    model: GenerativeModel, adata: ad.AnnData, n_cells: int = 300, n_steps: int = 16, seed: int = 0, batch_size: int = 64
 ) -> pd.DataFrame:
     """Mean |attribution| per gene (rows, model gene order) and latent (columns) over up to `n_cells` cells
     drawn at random (seeded); cells are processed in batches, never all held at once."""
@@ -111,7 +117,7 @@ def global_attributions(
     chosen = np.sort(rng.choice(adata.n_obs, size=min(n_cells, adata.n_obs), replace=False))
     latents = list(range(model.n_latent))
     total = torch.zeros(len(latents), len(model.genes), dtype=torch.float64)
-    for batch in model.inference_batches(adata[chosen], batch_size):
+    for batch in model_batches(model, adata[chosen], batch_size, function.device):
         total += batch_attributions(function, batch, latents, n_steps).abs().sum(dim=0).double().cpu()
     table = (total / len(chosen)).T.numpy()
     return pd.DataFrame(table, index=list(model.genes), columns=[f"latent_{j}" for j in latents])

@@ -1,21 +1,19 @@
-"""The whole explanation of a fitted model (`scdgm explain`): synthetic cells → discretisation → step-wise
-log-linear gene selection with permutation p-values → patterns → label transfer, plus loadings (linear models)
-or integrated-gradient attributions (the others), latent–label association and plots.
+"""The whole explanation of a fitted model: synthetic cells → discretisation → step-wise log-linear gene selection
+with permutation p-values → patterns → label transfer, plus loadings (linear models) or integrated-gradient
+attributions (the others), latent–label association and plots.
 
-Everything lands in one folder written atomically (built in a temporary sibling, then renamed): explanation.json
-(the report), reference.json (what `interpret.explainer.Explainer` needs to explain new cells), CSV tables and PNG
-figures. Posterior draws carry their source cell's label, so label-transfer accuracy is measured against it;
-prior draws are reported separately.
+`explain(model, adata)` computes it in memory as an `Explanation` (selected genes, p-values, the report, label
+transfer to new cells) and records a summary in adata.uns['scdgm_explanation']; `Explanation.save(directory)`
+writes the folder `scdgm explain` writes, atomically: explanation.json (the report), reference.json (what
+`interpret.explainer.Explainer` needs to explain new cells), CSV tables and PNG figures. Posterior draws carry
+their source cell's label, so label-transfer accuracy is measured against it; prior draws are reported separately.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +24,35 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scdgm.interpret import plots
+from scdgm.errors import InputError, ScdgmError
+from scdgm.files import atomic_path
+from scdgm.formats import EXPLANATION_FILE, REFERENCE_FILE
 from scdgm.interpret.association import label_latents, latent_association
+from scdgm.interpret.attributions import global_attributions, latent_mean_function, top_attributed_genes
 from scdgm.interpret.discretize import Discretizer, fit_discretizer
-from scdgm.interpret.explainer import REFERENCE_FILE, REFERENCE_FORMAT, REFERENCE_VERSION, log_normalized
+from scdgm.interpret.explainer import REFERENCE_FORMAT, REFERENCE_VERSION, Explainer, log_normalized
+from scdgm.interpret.genesets import immune_gene_sets, read_gmt
 from scdgm.interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
+from scdgm.interpret.loadings import gene_importance, summarize_loadings
 from scdgm.interpret.loglinear import SelectionResult, selection_stability, stepwise_select
 from scdgm.interpret.patterns import PatternSummary, summarize_patterns
-from scdgm.models.base import Samples
-from scdgm.models.data import model_counts
-from scdgm.errors import InputError, ScdgmError
+from scdgm.interpret.plots import latent_scatter, loadings_map, pattern_map, project_2d, selection_path, transfer_map
+from scdgm.models.base import GenerativeModel, LinearDecoder, Samples
+from scdgm.models.data import counts_view, model_counts
 
 EXPLANATION_FORMAT = "scdgm-explanation"
 UNLABELLED = "unlabelled"
 """The one label of the reference when the data have no labels: it then only counts patterns."""
 MAX_ASSOCIATION_LEVELS = 50
+UNS_KEY = "scdgm_explanation"
+"""Where `explain` puts its summary in the AnnData (JSON-like values only, so .write_h5ad works)."""
+CSV_OPTIONS: dict[str, dict[str, Any]] = {
+    "loadings.csv": {"index_label": "gene"},
+    "attributions.csv": {"index_label": "gene"},
+    "cells.csv": {"index_label": "cell"},
+    "confusion.csv": {},
+}
+"""How each table is written (the others without their index)."""
 
 
 @dataclass
@@ -51,7 +63,7 @@ class ExplainSettings:
     draws: int = 1
     prior_cells: int | None = None
     """Prior draws reported separately; None = as many as there are cells, 0 = none."""
-    permutations: int = 1000
+    permutations: int = 200
     alpha: float | None = None
     quantile: float = 0.5
     latent_rule: str = "sign"
@@ -94,31 +106,11 @@ class ExplainSettings:
             raise ScdgmError("attribution_steps must be >= 2; attribution_cells, driver_genes, top_genes >= 1")
 
 
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target`, on failure it is removed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = None
-    if target.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, previous / target.name)
-    os.replace(staging, target)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 @dataclass
 class _Run:
     """What the steps of one explanation share: inputs, synthetic draws, their binary form and the selection."""
 
-    model: Any
+    model: GenerativeModel
     adata: ad.AnnData
     settings: ExplainSettings
     counts: sp.csr_matrix
@@ -129,6 +121,8 @@ class _Run:
     h: np.ndarray
     selection: SelectionResult
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
+    figures: dict[str, Callable[[Path], Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def selected(self) -> list[int]:
@@ -152,7 +146,7 @@ def _selection_records(result: SelectionResult, genes: list[str]) -> list[dict[s
     return frame.to_dict(orient="records")
 
 
-def _fit_discretizer(model: Any, x: np.ndarray, z: np.ndarray, settings: ExplainSettings) -> Discretizer:
+def _fit_discretizer(model: GenerativeModel, x: np.ndarray, z: np.ndarray, settings: ExplainSettings) -> Discretizer:
     """Thresholds from the synthetic cells; 0/1 output of binary models is kept as it is (gene on where > 0)."""
     discretizer = fit_discretizer(x, z, settings.quantile, settings.latent_rule, model.genes)
     if model.output == "binary":
@@ -182,22 +176,99 @@ def _association_columns(obs: pd.DataFrame) -> list[str]:
     return columns
 
 
-def _drivers(run: _Run, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(report section, reference section) of what drives the latents: loadings or integrated gradients."""
-    from scdgm.interpret.attributions import global_attributions, latent_mean_function, top_attributed_genes
-    from scdgm.interpret.genesets import immune_gene_sets, read_gmt
-    from scdgm.interpret.loadings import has_loadings, summarize_loadings
+@dataclass
+class Explanation:
+    """An explanation in memory: the report, the reference that explains new cells, the tables, and the figures
+    (drawn when saved)."""
 
+    model: GenerativeModel
+    report: dict[str, Any] = dataclasses.field(repr=False)
+    """What explanation.json holds: selection, patterns, label transfer, drivers, association, timings."""
+    reference: dict[str, Any] = dataclasses.field(repr=False)
+    """What reference.json holds (see `interpret.explainer.Explainer`)."""
+    tables: dict[str, pd.DataFrame] = dataclasses.field(repr=False)
+    """The CSV tables, by file name (selection.csv, patterns.csv, cells.csv, ...)."""
+    figures: dict[str, Callable[[Path], Any]] = dataclasses.field(default_factory=dict, repr=False)
+    """PNG figures by file name: each draws itself to the path it is given."""
+
+    @property
+    def selected_genes(self) -> list[str]:
+        """The selected genes, in selection order."""
+        return [step["gene"] for step in self.report["selection"]]
+
+    @property
+    def p_values(self) -> pd.Series:
+        """Permutation p-value of each selection step, by gene (NaN where none was computed)."""
+        values = [np.nan if step["pvalue"] is None else step["pvalue"] for step in self.report["selection"]]
+        return pd.Series(values, index=self.selected_genes, name="pvalue", dtype=float)
+
+    @property
+    def label_key(self) -> str | None:
+        """The obs column whose labels the explanation transfers (None when the cells had no labels)."""
+        return self.reference["label_key"]
+
+    def transfer(self, adata: ad.AnnData, layer: str | None = None) -> pd.Series:
+        """The label each cell of `adata` (counts of .X or `layer`, genes matched by name) gets from the real
+        cells that share its pattern over the selected genes, indexed by obs_names."""
+        if self.label_key is None:
+            raise InputError("the explanation was made on unlabelled cells: there are no labels to transfer")
+        reference = LabelReference.from_dict(self.reference["label_transfer"])
+        counts = model_counts(counts_view(adata, layer), self.model.genes)
+        labels = reference.transfer(reference.pattern_bits(counts))["label"].to_numpy()
+        return pd.Series(labels, index=adata.obs_names, name=self.label_key)
+
+    def explainer(self) -> Explainer:
+        """The runtime explainer (latents, patterns, labels and driver genes of new cells) of this explanation."""
+        return Explainer(self.model, self.reference)
+
+    def summary(self) -> dict[str, Any]:
+        """A short JSON-like summary (no None values, so AnnData can write it to .h5ad): genes, p-values, G²."""
+        selection = self.report["selection"]
+        summary: dict[str, Any] = {
+            "model_kind": self.model.kind,
+            "n_cells": int(self.report["data"]["n_cells"]),
+            "selected_genes": self.selected_genes,
+            "latents": [int(step["latent"]) for step in selection],
+            "g2": [float(step["g2"]) for step in selection],
+            "p_values": self.p_values.astype(float).tolist(),
+        }
+        transfer = self.report["label_transfer"]
+        if self.label_key is not None:
+            summary["label_key"] = self.label_key
+        if "accuracy" in transfer:
+            summary["label_transfer_accuracy"] = float(transfer["accuracy"])
+        return summary
+
+    def save(self, directory: str | Path) -> dict[str, Any]:
+        """Write the explanation folder (replacing one already there) atomically; returns the written report
+        with the folder under 'directory'."""
+        timings = dict(self.report["timings_seconds"])
+        with atomic_path(directory, directory=True) as out:
+            for name, table in self.tables.items():
+                table.to_csv(out / name, **CSV_OPTIONS.get(name, {"index": False}))
+            if self.figures:
+                with _timed(timings, "plots"):
+                    for name, draw in self.figures.items():
+                        draw(out / name)
+            files = sorted(p.name for p in out.iterdir()) + [EXPLANATION_FILE, REFERENCE_FILE]
+            report = {**self.report, "timings_seconds": timings, "files": files}
+            _write_json(out / REFERENCE_FILE, self.reference)
+            _write_json(out / EXPLANATION_FILE, report)
+        return {**report, "directory": str(Path(directory))}
+
+
+def _drivers(run: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(report section, reference section) of what drives the latents: loadings or integrated gradients."""
     model, adata, settings = run.model, run.adata, run.settings
-    if has_loadings(model):
+    if isinstance(model, LinearDecoder):
         gene_sets = read_gmt(settings.gene_sets) if settings.gene_sets else immune_gene_sets()
         summary = summarize_loadings(model, adata, gene_sets, settings.top_genes)
-        summary.loadings.to_csv(out / "loadings.csv", index_label="gene")
+        run.tables["loadings.csv"] = summary.loadings
         if summary.gene_sets is not None:
-            summary.gene_sets.to_csv(out / "gene_sets.csv", index=False)
+            run.tables["gene_sets.csv"] = summary.gene_sets
         if settings.plots:
-            plots.loadings_map(summary.loadings, out / "loadings.png")
-        target_sum = float(getattr(model.config, "target_sum", 1e4))
+            run.figures["loadings.png"] = lambda path: loadings_map(summary.loadings, path)
+        target_sum = float(model.target_sum)
         mean = np.asarray(log_normalized(run.counts, target_sum).mean(axis=0)).ravel()
         reference = {"method": "loadings", "top_k": settings.driver_genes, "target_sum": target_sum,
                      "expression_mean": mean}
@@ -207,7 +278,7 @@ def _drivers(run: _Run, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except InputError as exc:
         return {"method": None, "reason": str(exc)}, {"method": None}
     table = global_attributions(model, adata, settings.attribution_cells, settings.attribution_steps, settings.seed)
-    table.to_csv(out / "attributions.csv", index_label="gene")
+    run.tables["attributions.csv"] = table
     top = top_attributed_genes(table, settings.top_genes)
     report = {
         "method": "integrated_gradients", "baseline": "zeros", "n_steps": settings.attribution_steps,
@@ -242,7 +313,7 @@ def _prior_report(run: _Run, n_cells: int, reference: LabelReference) -> dict[st
     return report
 
 
-def _sample_and_select(model: Any, adata: ad.AnnData, settings: ExplainSettings) -> _Run:
+def _sample_and_select(model: GenerativeModel, adata: ad.AnnData, settings: ExplainSettings) -> _Run:
     """Posterior draws, their discretisation and the step-wise selection (with p-values when asked)."""
     counts = model_counts(adata, model.genes)
     labels = _labels(adata, settings.label_key)
@@ -266,7 +337,7 @@ def _dense(bits: np.ndarray | sp.csr_matrix) -> np.ndarray:
     return bits.toarray() if sp.issparse(bits) else np.asarray(bits)
 
 
-def _transfer(run: _Run, reference: LabelReference, out: Path) -> dict[str, Any]:
+def _transfer(run: _Run, reference: LabelReference) -> dict[str, Any]:
     """Label transfer to the posterior draws (scored against their source cell's label), the real cells'
     patterns and labels (cells.csv) and the confusion matrix; returns the report section."""
     transferred = reference.transfer(_dense(run.x[:, run.selected]))
@@ -275,13 +346,13 @@ def _transfer(run: _Run, reference: LabelReference, out: Path) -> dict[str, Any]
     if run.labels is not None:
         cells.insert(0, "label", real["label"])
     cells.index = run.adata.obs_names
-    cells.to_csv(out / "cells.csv", index_label="cell")
+    run.tables["cells.csv"] = cells
     section: dict[str, Any] = {"unseen_pattern_fraction": float((transferred["distance"] > 0).mean())}
     if run.labels is None:
         return section
     truth = run.labels[run.posterior.cell_index]
     accuracy = transfer_accuracy(transferred["label"], truth)
-    accuracy.confusion.to_csv(out / "confusion.csv")
+    run.tables["confusion.csv"] = accuracy.confusion
     sizes = pd.Series(run.labels).value_counts()
     section.update(
         accuracy=accuracy.overall,
@@ -290,43 +361,47 @@ def _transfer(run: _Run, reference: LabelReference, out: Path) -> dict[str, Any]
         majority_baseline=float(sizes.iloc[0] / sizes.sum()),
     )
     if run.settings.plots:
-        xy, _ = plots.project_2d(run.posterior.z)
-        plots.transfer_map(xy, truth, transferred["label"], out / "transfer.png")
+        xy, _ = project_2d(run.posterior.z)
+        predicted = transferred["label"]
+        run.figures["transfer.png"] = lambda path: transfer_map(xy, truth, predicted, path)
     return section
 
 
-def _stability(run: _Run, out: Path) -> list[dict[str, Any]]:
+def _stability(run: _Run) -> list[dict[str, Any]]:
     """Bootstrap selection frequencies of the genes (stability.csv); the report keeps the genes ever chosen."""
     settings = run.settings
     fractions = selection_stability(run.x, run.h, settings.n_genes, settings.stability_boot, settings.seed,
                                     settings.selection_model, settings.empty_cell, settings.device)
     table = pd.DataFrame({"gene": run.model.genes, "selected_fraction": fractions})
     table = table.sort_values("selected_fraction", ascending=False, kind="stable")
-    table.to_csv(out / "stability.csv", index=False)
+    run.tables["stability.csv"] = table
     return table[table["selected_fraction"] > 0].head(3 * settings.n_genes).to_dict(orient="records")
 
 
-def _association(run: _Run, mean: np.ndarray, out: Path) -> dict[str, Any]:
+def _association(run: _Run, mean: np.ndarray) -> dict[str, Any]:
     """MI and ANOVA F of the latent means with obs columns; per label the latent that carries it."""
     table = latent_association(mean, run.adata.obs, _association_columns(run.adata.obs), seed=run.settings.seed)
-    table.to_csv(out / "association.csv", index=False)
+    run.tables["association.csv"] = table
     section: dict[str, Any] = {"association": table.to_dict(orient="records")}
     if run.labels is not None:
         carriers = label_latents(mean, run.labels)
-        carriers.to_csv(out / "label_latents.csv", index=False)
+        run.tables["label_latents.csv"] = carriers
         section["label_latents"] = carriers.to_dict(orient="records")
     return section
 
 
-def _pattern_plots(run: _Run, patterns: PatternSummary, reference: LabelReference, mean: np.ndarray,
-                   out: Path) -> None:
+def _pattern_plots(run: _Run, patterns: PatternSummary, reference: LabelReference, mean: np.ndarray) -> None:
     """Latent means by label with density contours, the selection path and the pattern MDS map."""
     colour = run.labels if run.labels is not None else np.full(run.adata.n_obs, "cells")
-    plots.latent_scatter(mean, colour, out / "latent.png", title=f"{run.model.kind} latent means")
-    plots.selection_path(run.gene_names, run.selection.g2, run.selection.pvalues, out / "selection.png")
+    title = f"{run.model.kind} latent means"
+    genes, g2, pvalues = run.gene_names, run.selection.g2, run.selection.pvalues
     bits = np.array([[int(c) for c in pattern] for pattern in patterns.patterns], dtype=np.uint8)
     pattern_labels = reference.transfer(bits)["label"] if run.labels is not None else None
-    plots.pattern_map(patterns.coordinates, patterns.counts, patterns.patterns, out / "patterns.png", pattern_labels)
+    run.figures["latent.png"] = lambda path: latent_scatter(mean, colour, path, title=title)
+    run.figures["selection.png"] = lambda path: selection_path(genes, g2, pvalues, path)
+    run.figures["patterns.png"] = lambda path: pattern_map(
+        patterns.coordinates, patterns.counts, patterns.patterns, path, pattern_labels
+    )
 
 
 def _reference_document(run: _Run, reference: LabelReference, mean: np.ndarray,
@@ -346,18 +421,19 @@ def _reference_document(run: _Run, reference: LabelReference, mean: np.ndarray,
                     "center": mean.mean(axis=0), "scale": mean.std(axis=0)},
         "drivers": drivers,
     }
-    if drivers.get("method") == "loadings":
-        document["loadings"] = _selected_loadings(run.model, run.selected, run.settings.top_genes)
-    return document
+    if isinstance(run.model, LinearDecoder):
+        document["loadings"] = _selected_loadings(
+            run.model.loadings(), run.model.genes, run.selected, run.settings.top_genes
+        )
+    return _plain(document)
 
 
-def run_explanation(
-    model: Any, adata: ad.AnnData, out_dir: str | Path, settings: ExplainSettings | None = None, **overrides: Any
-) -> dict[str, Any]:
-    """Explain `model` on the cells of `adata` (genes aligned by name) and write the explanation folder.
+def compute_explanation(
+    model: GenerativeModel, adata: ad.AnnData, settings: ExplainSettings | None = None, **overrides: Any
+) -> Explanation:
+    """Explain `model` on the cells of `adata` (counts in .X, genes aligned by name), in memory.
 
     Options come from `settings` with `overrides` applied (e.g. n_genes=8, draws=1, permutations=1000).
-    Returns the report that is also written as explanation.json, with the folder under 'directory'.
     """
     settings = dataclasses.replace(settings or ExplainSettings(), **overrides)
     settings.check()
@@ -369,46 +445,70 @@ def run_explanation(
     labels = run.labels if run.labels is not None else np.full(adata.n_obs, UNLABELLED)
     reference = build_reference(run.counts, labels, run.discretizer, run.selected)
     patterns = summarize_patterns(run.x, run.h, run.selected, n_top=settings.n_patterns)
-    mean = model.embed(adata).mean.astype(np.float64)
+    mean = model.embed(adata, key_added=None).mean.astype(np.float64)
 
-    with atomic_directory(out_dir) as out:
-        report: dict[str, Any] = {
-            "format": EXPLANATION_FORMAT,
-            "version": 1,
-            "model": {"kind": model.kind, "n_latent": model.n_latent, "n_genes": len(model.genes),
-                      "output": model.output},
-            "data": {"n_cells": adata.n_obs, "n_draws": int(run.posterior.x.shape[0]),
-                     "label_key": settings.label_key if run.labels is not None else None},
-            "settings": dataclasses.asdict(settings),
-            "selection": _selection_records(run.selection, model.genes),
-            "stopped_early": run.selection.stopped_early,
-            "stop_pvalue": run.selection.stop_pvalue,
-            "patterns": patterns.to_frame().to_dict(orient="records"),
-        }
-        run.selection.to_frame(model.genes).to_csv(out / "selection.csv", index=False)
-        patterns.to_frame().to_csv(out / "patterns.csv", index=False)
-        with _timed(run.timings, "label_transfer"):
-            report["label_transfer"] = _transfer(run, reference, out)
-        if settings.stability_boot > 0:
-            with _timed(run.timings, "stability"):
-                report["stability"] = _stability(run, out)
-        prior_cells = adata.n_obs if settings.prior_cells is None else settings.prior_cells
-        if prior_cells > 0:
-            with _timed(run.timings, "prior"):
-                report["prior"] = _prior_report(run, prior_cells, reference)
-        with _timed(run.timings, "drivers"):
-            report["drivers"], drivers = _drivers(run, out)
-        with _timed(run.timings, "association"):
-            report.update(_association(run, mean, out))
-        if settings.plots:
-            with _timed(run.timings, "plots"):
-                _pattern_plots(run, patterns, reference, mean, out)
-        report["timings_seconds"] = run.timings
-        report["files"] = sorted(p.name for p in out.iterdir()) + ["explanation.json", REFERENCE_FILE]
-        _write_json(out / REFERENCE_FILE, _reference_document(run, reference, mean, drivers))
-        _write_json(out / "explanation.json", report)
-    report["directory"] = str(Path(out_dir))
-    return report
+    report: dict[str, Any] = {
+        "format": EXPLANATION_FORMAT,
+        "version": 1,
+        "model": {"kind": model.kind, "n_latent": model.n_latent, "n_genes": len(model.genes),
+                  "output": model.output},
+        "data": {"n_cells": adata.n_obs, "n_draws": int(run.posterior.x.shape[0]),
+                 "label_key": settings.label_key if run.labels is not None else None},
+        "settings": dataclasses.asdict(settings),
+        "selection": _selection_records(run.selection, model.genes),
+        "stopped_early": run.selection.stopped_early,
+        "stop_pvalue": run.selection.stop_pvalue,
+        "patterns": patterns.to_frame().to_dict(orient="records"),
+    }
+    run.tables["selection.csv"] = run.selection.to_frame(model.genes)
+    run.tables["patterns.csv"] = patterns.to_frame()
+    with _timed(run.timings, "label_transfer"):
+        report["label_transfer"] = _transfer(run, reference)
+    if settings.stability_boot > 0:
+        with _timed(run.timings, "stability"):
+            report["stability"] = _stability(run)
+    prior_cells = adata.n_obs if settings.prior_cells is None else settings.prior_cells
+    if prior_cells > 0:
+        with _timed(run.timings, "prior"):
+            report["prior"] = _prior_report(run, prior_cells, reference)
+    with _timed(run.timings, "drivers"):
+        report["drivers"], drivers = _drivers(run)
+    with _timed(run.timings, "association"):
+        report.update(_association(run, mean))
+    if settings.plots:
+        _pattern_plots(run, patterns, reference, mean)
+    report["timings_seconds"] = run.timings
+    return Explanation(model, report, _reference_document(run, reference, mean, drivers), run.tables, run.figures)
+
+
+def explain(
+    model: GenerativeModel,
+    adata: ad.AnnData,
+    settings: ExplainSettings | None = None,
+    *,
+    layer: str | None = None,
+    **overrides: Any,
+) -> Explanation:
+    """Explain `model` on the cells of `adata` (counts of .X, or `adata.layers[layer]`) and return the
+    `Explanation`; its summary also goes to `adata.uns['scdgm_explanation']` (nothing else in `adata` changes).
+
+    Options come from `settings` (default `ExplainSettings()`) with `overrides` applied, e.g. n_genes=8.
+    """
+    explanation = compute_explanation(model, counts_view(adata, layer), settings, **overrides)
+    adata.uns[UNS_KEY] = explanation.summary()
+    return explanation
+
+
+def run_explanation(
+    model: GenerativeModel,
+    adata: ad.AnnData,
+    out_dir: str | Path,
+    settings: ExplainSettings | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Explain `model` on the cells of `adata` and write the explanation folder `out_dir` (what `scdgm explain`
+    does); returns the report written as explanation.json, with the folder under 'directory'."""
+    return compute_explanation(model, adata, settings, **overrides).save(out_dir)
 
 
 def _selected_discretizer(discretizer: Discretizer, selected: list[int]) -> Discretizer:
@@ -417,12 +517,11 @@ def _selected_discretizer(discretizer: Discretizer, selected: list[int]) -> Disc
     return dataclasses.replace(discretizer, gene_thresholds=discretizer.gene_thresholds[selected], genes=names)
 
 
-def _selected_loadings(model: Any, selected: list[int], n_top: int) -> dict[str, list[float]]:
+def _selected_loadings(
+    loadings: pd.DataFrame, genes: list[str], selected: list[int], n_top: int
+) -> dict[str, list[float]]:
     """Loadings of the selected genes and of each factor's top genes (by |loading|), by gene name."""
-    from scdgm.interpret.loadings import gene_importance
-
-    loadings = model.loadings()
-    names = [model.genes[g] for g in selected] + gene_importance(loadings).nlargest(n_top).index.tolist()
+    names = [genes[g] for g in selected] + gene_importance(loadings).nlargest(n_top).index.tolist()
     return {name: loadings.loc[name].astype(float).tolist() for name in dict.fromkeys(names)}
 
 

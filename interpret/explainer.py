@@ -22,11 +22,14 @@ import scipy.sparse as sp
 import torch
 
 from scdgm.errors import InputError, ScdgmError
+from scdgm.formats import EXPLANATION_DIR, REFERENCE_FILE
+from scdgm.interpret.attributions import integrated_gradients, latent_mean_function
+from scdgm.interpret.label_transfer import LabelReference
+from scdgm.models.base import GenerativeModel, LinearDecoder
+from scdgm.models.data import CountBatches
 
 REFERENCE_FORMAT = "scdgm-explanation-reference"
 REFERENCE_VERSION = 1
-EXPLANATION_DIR = "explanation"
-REFERENCE_FILE = "reference.json"
 
 
 def log_normalized(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
@@ -77,7 +80,7 @@ class CellExplanations:
                 "dominant_latent": int(self.dominant_latent[i]),
                 "drivers": [
                     {"gene": gene, "score": float(score)}
-                    for gene, score in zip(self.driver_genes[i], self.driver_scores[i])
+                    for gene, score in zip(self.driver_genes[i], self.driver_scores[i], strict=True)
                 ],
             }
             for i in range(len(self))
@@ -87,9 +90,7 @@ class CellExplanations:
 class Explainer:
     """A fitted model plus its explanation reference; `explain` maps counts (model gene order) to explanations."""
 
-    def __init__(self, model: Any, reference: dict[str, Any]) -> None:
-        from scdgm.interpret.label_transfer import LabelReference
-
+    def __init__(self, model: GenerativeModel, reference: dict[str, Any]) -> None:
         if reference.get("format") != REFERENCE_FORMAT or reference.get("version") != REFERENCE_VERSION:
             raise ScdgmError(f"not a {REFERENCE_FORMAT} v{REFERENCE_VERSION} document")
         self.model = model
@@ -110,8 +111,6 @@ class Explainer:
     @classmethod
     def load(cls, model_dir: str | Path) -> Explainer:
         """Read the model directory and its explanation/reference.json (written by `scdgm explain`)."""
-        from scdgm.models import load_model
-
         model_dir = Path(model_dir)
         path = model_dir / EXPLANATION_DIR / REFERENCE_FILE
         if not path.is_file():
@@ -120,34 +119,19 @@ class Explainer:
             reference = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ScdgmError(f"{path}: unreadable explanation reference ({exc})") from None
-        return cls(load_model(str(model_dir)), reference)
+        return cls(GenerativeModel.load(model_dir), reference)
 
     def _prepare_drivers(self) -> None:
-        """Everything per-model the drivers need: the encoder function, or loadings and gene scales."""
-        from scdgm.interpret.attributions import latent_mean_function
-
-        module = getattr(self.model, "module", None)
-        self._module = module if module is not None and callable(getattr(module, "encode", None)) else None
+        """Everything per-model the drivers need: the attributed encoder function, or loadings and gene means."""
         self._attributed = None
         method = self.drivers.get("method")
         if method == "loadings":
+            if not isinstance(self.model, LinearDecoder):
+                raise ScdgmError(f"the explanation has loadings, but a {self.model.kind} model has none")
             self._loadings = self.model.loadings().to_numpy(dtype=np.float64)
             self._expression_mean = np.asarray(self.drivers["expression_mean"], dtype=np.float64)
         elif method == "integrated_gradients":
             self._attributed = latent_mean_function(self.model)
-
-    def _batch_codes(self, batch: Sequence[str] | None, n: int) -> np.ndarray | None:
-        """Codes of the cells' batch labels for models trained with a batch covariate."""
-        key = getattr(self.model.config, "batch_key", None)
-        if key is None:
-            return None
-        if batch is None or len(batch) != n:
-            raise InputError(f"this model was trained with batch_key {key!r}: give one batch label per cell")
-        position = {c: i for i, c in enumerate(self.model.batch_categories)}
-        unknown = sorted({str(b) for b in batch} - set(position))
-        if unknown:
-            raise InputError(f"unknown {key} value(s) {', '.join(unknown[:5])}; the model knows {list(position)}")
-        return np.array([position[str(b)] for b in batch], dtype=np.int64)
 
     def _check(self, counts: Any) -> sp.csr_matrix:
         """The counts as float32 CSR, with one line naming what is wrong when they cannot be explained."""
@@ -163,15 +147,12 @@ class Explainer:
     def explain(self, counts: Any, batch: Sequence[str] | None = None) -> CellExplanations:
         """Explain cells given as counts (cells × model genes, in `self.genes` order; sparse or dense)."""
         counts = self._check(counts)
-        codes = self._batch_codes(batch, counts.shape[0])
-        if self._module is not None:
-            mean, var, attributions = self._encode(counts, codes)
-        else:
-            embedding = self.model.embed(self._anndata(counts, batch))
-            mean, var, attributions = embedding.mean, embedding.var, None
+        codes = self.model.batch_codes(batch, counts.shape[0])
+        embedding = self.model.embed_counts(counts, batch)
+        mean, var = embedding.mean, embedding.var
         dominant = self.dominant_latent(mean)
-        if self.drivers.get("method") == "integrated_gradients":
-            scores = attributions
+        if self._attributed is not None:
+            scores = self._attributions(counts, codes, dominant)
         elif self.drivers.get("method") == "loadings":
             scores = self._loading_scores(counts, dominant)
         else:
@@ -192,38 +173,16 @@ class Explainer:
         """Per cell, the latent farthest from the average cell, in standard deviations of the explained cells."""
         return np.abs((mean - self.latent_center) / self.latent_scale).argmax(axis=1)
 
-    def _anndata(self, counts: sp.csr_matrix, batch: Sequence[str] | None) -> Any:
-        """The counts as AnnData for models explained through `embed` (no torch encoder)."""
-        import anndata as ad
-        import pandas as pd
-
-        obs = None
-        key = getattr(self.model.config, "batch_key", None)
-        if key is not None:
-            obs = pd.DataFrame({key: list(batch)}, index=[str(i) for i in range(counts.shape[0])])
-        return ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=self.genes))
-
-    def _encode(
-        self, counts: sp.csr_matrix, codes: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Latent mean/var through the encoder and, if asked, attributions of each cell's dominant latent."""
-        from scdgm.interpret.attributions import integrated_gradients
-        from scdgm.models.data import CountBatches
-
-        device = self.model.device
-        means, variances, attributions = [], [], []
+    def _attributions(self, counts: sp.csr_matrix, codes: np.ndarray | None, dominant: np.ndarray) -> np.ndarray:
+        """Integrated gradients of each cell's dominant latent, per gene (cells x genes)."""
+        device = self._attributed.device
+        steps = int(self.drivers.get("n_steps", 16))
+        parts = []
         for batch in CountBatches(counts, batch_codes=codes, batch_size=1024, device=device):
-            with torch.no_grad():
-                mean, var = self._module.encode(batch)
-            means.append(mean.cpu().numpy())
-            variances.append(var.cpu().numpy())
-            if self._attributed is not None:
-                targets = torch.as_tensor(self.dominant_latent(means[-1]), device=device)
-                values = integrated_gradients(self._attributed, batch.x, targets, batch.batch_index,
-                                              int(self.drivers.get("n_steps", 16)))
-                attributions.append(values.cpu().numpy())
-        scores = np.concatenate(attributions) if attributions else None
-        return np.concatenate(means), np.concatenate(variances), scores
+            targets = torch.as_tensor(dominant[batch.index.numpy()], device=device)
+            values = integrated_gradients(self._attributed, batch.x, targets, batch.batch_index, steps)
+            parts.append(values.cpu().numpy())
+        return np.concatenate(parts)
 
     def _loading_scores(self, counts: sp.csr_matrix, dominant: np.ndarray) -> np.ndarray:
         """loading(gene, dominant factor) × centred log-normalised expression, per cell and gene."""

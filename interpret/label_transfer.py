@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scdgm.interpret.discretize import Discretizer
 from scdgm.errors import InputError, ScdgmError
+from scdgm.interpret.discretize import Discretizer
 
 FORMAT = "scdgm-label-reference"
 FORMAT_VERSION = 1

@@ -2,7 +2,6 @@
 explained per factor, and gene-set scores (is a set's genes' loading larger than the other genes'?)."""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,32 +12,25 @@ import pandas as pd
 from scipy import stats
 
 from scdgm.errors import InputError
+from scdgm.models.base import GenerativeModel, LinearDecoder
 
 
-def has_loadings(model: Any) -> bool:
-    """True for linear models, which expose `loadings()` (genes x factors) and `variance_explained()`."""
-    return callable(getattr(model, "loadings", None))
-
-
-def model_loadings(model: Any) -> pd.DataFrame:
+def model_loadings(model: GenerativeModel) -> pd.DataFrame:
     """The model's genes x factors loadings with string factor names; a clear error for non-linear models."""
-    if not has_loadings(model):
-        raise InputError(f"{getattr(model, 'kind', type(model).__name__)} is not a linear model: it has no loadings")
+    if not isinstance(model, LinearDecoder):
+        raise InputError(f"{model.kind} is not a linear model: it has no loadings")
     loadings = model.loadings().copy()
     loadings.columns = [str(c) for c in loadings.columns]
     return loadings
 
 
-def variance_explained(model: Any, adata: ad.AnnData | None = None) -> pd.DataFrame:
+def variance_explained(model: GenerativeModel, adata: ad.AnnData | None = None) -> pd.DataFrame:
     """Fraction of variance explained per factor (columns factor, variance_explained), in factor order.
 
-    Models whose figure depends on cells (LDVAE: variance of the decoder's predictor) are given `adata`.
+    Models whose figure depends on cells (LDVAE: variance of the decoder's predictor) need `adata`.
     """
     loadings = model_loadings(model)
-    needs_cells = bool(inspect.signature(model.variance_explained).parameters)
-    if needs_cells and adata is None:
-        raise InputError(f"{model.kind}: variance explained needs the cells (adata)")
-    shares = model.variance_explained(adata) if needs_cells else model.variance_explained()
+    shares = model.variance_explained(adata)
     values = np.asarray(shares, dtype=float).ravel()
     if values.size != loadings.shape[1]:
         raise InputError(f"{values.size} variance figures for {loadings.shape[1]} factors")
@@ -113,7 +105,7 @@ class LoadingsSummary:
         }
         summary: dict[str, Any] = {
             "top_genes": top,
-            "variance_explained": dict(zip(self.variance["factor"], self.variance["variance_explained"].astype(float))),
+            "variance_explained": dict(zip(self.variance["factor"], self.variance["variance_explained"].astype(float), strict=True)),
         }
         if self.gene_sets is not None:
             best = self.gene_sets.dropna(subset=["p_value"]).head(n_sets)
@@ -122,7 +114,7 @@ class LoadingsSummary:
 
 
 def summarize_loadings(
-    model: Any,
+    model: GenerativeModel,
     adata: ad.AnnData | None = None,
     gene_sets: Mapping[str, Sequence[str]] | None = None,
     n_top: int = 10,

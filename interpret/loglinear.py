@@ -26,8 +26,8 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import ThreadpoolController
 
-from scdgm.interpret.permutation import Backend, PermutationResult, permutation_test
 from scdgm.errors import InputError, ScdgmError
+from scdgm.interpret.permutation import Backend, PermutationResult, permutation_test
 
 Model = Literal["conditional", "joint"]
 MODELS = ("conditional", "joint")

@@ -109,7 +109,7 @@ def selection_path(
     figure = Figure(figsize=(max(5, 0.6 * len(genes) + 2), 4))
     axes = figure.add_subplot()
     axes.bar(steps, g2, color="tab:blue", alpha=0.7)
-    axes.set_xticks(steps, [f"{s}. {g}" for s, g in zip(steps, genes)], rotation=60, ha="right", fontsize=8)
+    axes.set_xticks(steps, [f"{s}. {g}" for s, g in zip(steps, genes, strict=True)], rotation=60, ha="right", fontsize=8)
     axes.set(ylabel="G² (deviance)", title="step-wise selection")
     if pvalues is not None and len(pvalues):
         right = axes.twinx()
@@ -151,7 +151,7 @@ def pattern_map(
         chosen = labels == label
         axes.scatter(coords[chosen, 0], coords[chosen, 1], s=sizes[chosen], alpha=0.6, color=colour,
                      linewidths=0, label=label)
-    for (x, y), name in zip(coords[:, :2], names):
+    for (x, y), name in zip(coords[:, :2], names, strict=True):
         axes.annotate(str(name), (x, y), fontsize=7, ha="center", va="center", family="monospace")
     axes.set(xlabel="MDS 1", ylabel="MDS 2", title="gene patterns (size: frequency)")
     if len(set(labels)) > 1:

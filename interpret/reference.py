@@ -23,8 +23,8 @@ import statsmodels.formula.api as smf
 from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 from threadpoolctl import threadpool_limits
 
-from scdgm.interpret.loglinear import Model
 from scdgm.errors import ScdgmError
+from scdgm.interpret.loglinear import Model
 
 Method = Literal["glm", "ipf"]
 

@@ -1,28 +1,29 @@
-"""scdgm models: one interface (models.base.GenerativeModel) for AE, VAE, LDVAE, WGAN, DBM and PCA."""
+"""scdgm models: one interface (`GenerativeModel`) for AE, VAE, LDVAE, WGAN, DBM and PCA, and the capabilities a
+model declares by type (`LinearDecoder`: gene loadings; `CountEncoder`: a differentiable encoder of counts).
+
+    from scdgm.models import VAE
+    model = VAE(n_latent=10)
+    model.fit(adata, layer="counts")
+    model.embed(adata, layer="counts")  # also adata.obsm["X_scdgm"], adata.obsm["X_scdgm_var"]
+"""
 from __future__ import annotations
 
-import importlib
+from scdgm.models.ae import Autoencoder
+from scdgm.models.base import CountEncoder, Embedding, GenerativeModel, LinearDecoder, Samples, TrainingHistory
+from scdgm.models.dbm import DBM
+from scdgm.models.gan import WGAN
+from scdgm.models.pca import PCA
+from scdgm.models.vae import LDVAE, VAE
 
-from scdgm.models.base import Embedding, GenerativeModel, Samples
-from scdgm.errors import ScdgmError
-
-MODEL_CLASSES: dict[str, str] = {
-    "ae": "scdgm.models.ae:Autoencoder",
-    "vae": "scdgm.models.vae:VAE",
-    "ldvae": "scdgm.models.vae:LDVAE",
-    "gan": "scdgm.models.gan:WGAN",
-    "dbm": "scdgm.models.dbm:DBM",
-    "pca": "scdgm.models.pca:PCA",
+MODEL_CLASSES: dict[str, type[GenerativeModel]] = {
+    model.kind: model for model in (Autoencoder, VAE, LDVAE, WGAN, DBM, PCA)
 }
 MODEL_KINDS = tuple(MODEL_CLASSES)
 
 
 def model_class(kind: str) -> type[GenerativeModel]:
-    """The class implementing model `kind` (imported on first use)."""
-    if kind not in MODEL_CLASSES:
-        raise ScdgmError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
-    module, _, name = MODEL_CLASSES[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    """The class implementing model `kind`; a user error naming the known kinds otherwise."""
+    return GenerativeModel.class_of(kind)
 
 
 def create_model(kind: str, params: dict | None = None) -> GenerativeModel:
@@ -35,4 +36,8 @@ def load_model(directory: str) -> GenerativeModel:
     return GenerativeModel.load(directory)
 
 
-__all__ = ["Embedding", "GenerativeModel", "Samples", "MODEL_KINDS", "model_class", "create_model", "load_model"]
+__all__ = [
+    "Autoencoder", "VAE", "LDVAE", "WGAN", "DBM", "PCA",
+    "GenerativeModel", "LinearDecoder", "CountEncoder", "Embedding", "Samples", "TrainingHistory",
+    "MODEL_CLASSES", "MODEL_KINDS", "model_class", "create_model", "load_model",
+]

@@ -13,20 +13,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from scdgm.errors import ScdgmError
 from scdgm.models.base import Embedding, EpochCallback, TrainingHistory
-from scdgm.models.data import Batch, log_normalize, split_mask
+from scdgm.models.data import Batch, log_normalize
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior
-from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
 from scdgm.models.training import StepContext
 from scdgm.models.vae import Decoder, Encoder, adam, check_architecture, log_mean_proportion
-from scdgm.errors import ScdgmError
 
 SCALE = 1e4  # counts per cell of the log-normalised input of loss="mse"
 
@@ -176,7 +176,7 @@ def dropout_active(module: nn.Module) -> Iterator[None]:
             layer.eval()
 
 
-class Autoencoder(TorchModel):
+class Autoencoder(TorchCountEncoder):
     """Count autoencoder (NB or MSE) with MC-dropout embedding variance and a Gaussian prior over codes."""
 
     kind = "ae"
@@ -193,16 +193,24 @@ class Autoencoder(TorchModel):
     def n_latent(self) -> int:
         return self.config.n_latent
 
-    def fit(self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = ()) -> TrainingHistory:
+    def fit_counts(
+        self,
+        counts: sp.csr_matrix,
+        obs: pd.DataFrame,
+        train: np.ndarray,
+        validation: np.ndarray,
+        callbacks: Sequence[EpochCallback],
+    ) -> TrainingHistory:
         """Train, then fit the Gaussian prior to the codes of the training cells."""
-        history = super().fit(adata, callbacks)
-        codes = torch.cat(self._map(adata[split_mask(adata, "train")], lambda m, b: m.code(b)))
-        self.module.fit_code_prior(codes)
+        history = super().fit_counts(counts, obs, train, validation, callbacks)
+        labels = self.batch_labels(obs)
+        batches = self.count_batches(counts[train], None if labels is None else labels[train])
+        self.module.fit_code_prior(torch.cat(self._map(batches, lambda m, b: m.code(b))))
         return history
 
-    def embed(self, adata: ad.AnnData) -> Embedding:
+    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
         """Codes and their MC-dropout variance, seeded so the same model embeds the same cells identically."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
-            return super().embed(adata)
+            return super().embed_counts(counts, batch)

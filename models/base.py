@@ -1,8 +1,11 @@
-"""The one interface every scdgm model implements, and the save/load format they share.
+"""The one interface every scdgm model implements, the capabilities a model may declare, and the save/load
+format they share.
 
-A model is created from a config dataclass, fitted on an AnnData with obs['split'], and then embeds cells
-(latent mean and variance), samples synthetic cells (from the posterior of given cells or from the prior),
-evaluates itself on held-out cells, and saves to a directory as JSON config + gene list + safetensors weights.
+A model is created from a config dataclass, fitted on the counts of an AnnData (obs['split'] train/validation,
+or a seeded split it announces), and then embeds cells (latent mean and variance), samples synthetic cells (from
+the posterior of given cells or from the prior), evaluates itself on held-out cells, and saves to a directory
+as JSON config + gene list + safetensors weights. What only some models offer is declared by subclassing
+`LinearDecoder` (gene loadings) or `CountEncoder` (a differentiable encoder of counts), checked with isinstance.
 """
 from __future__ import annotations
 
@@ -18,11 +21,16 @@ from typing import Any, ClassVar, Literal
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from scdgm.errors import ScdgmError
+from scdgm.errors import InputError, ScdgmError
+from scdgm.files import write_text_atomic, write_with
+from scdgm.formats import CONFIG_FILE, GENES_FILE, WEIGHTS_FILE
+from scdgm.models.data import counts_view, fit_split, model_counts, training_counts
+from scdgm.models.evaluation import evaluate_model
 
 Source = Literal["posterior", "prior"]
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -78,12 +86,29 @@ class TrainingHistory:
 
 
 class GenerativeModel(ABC):
-    """Base class of every model: config handling, gene bookkeeping and the save/load format."""
+    """Base class of every model: config handling, gene bookkeeping, fitting and embedding from AnnData, batch
+    labels, and the save/load format. Subclasses implement the count-level methods (`fit_counts`,
+    `embed_counts`) and the rest of the interface."""
 
     kind: ClassVar[str]
     Config: ClassVar[type]
     output: ClassVar[Literal["counts", "binary"]] = "counts"
     """What `sample` and `reconstruct` produce: counts, or 0/1 expression (the DBM)."""
+    _classes: ClassVar[dict[str, type[GenerativeModel]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register every concrete model class (one that sets `kind`) so `load` finds it by the recorded kind."""
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            GenerativeModel._classes[cls.kind] = cls
+
+    @staticmethod
+    def class_of(kind: str) -> type[GenerativeModel]:
+        """The class implementing model `kind`; a user error naming the known kinds otherwise."""
+        if kind not in GenerativeModel._classes:
+            known = ", ".join(GenerativeModel._classes)
+            raise ScdgmError(f"unknown model {kind!r}; choose one of {known}")
+        return GenerativeModel._classes[kind]
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         base = config if config is not None else self.Config()
@@ -94,6 +119,7 @@ class GenerativeModel(ABC):
         except TypeError as exc:
             raise ScdgmError(f"{self.kind}: {exc}") from None
         self.genes: list[str] = []
+        self.batch_categories: list[str] = []
         self.history = TrainingHistory()
         self.metadata: dict[str, Any] = {}
 
@@ -108,14 +134,80 @@ class GenerativeModel(ABC):
             )
         return cls(cls.Config(**params))
 
+    # --- batch covariate -----------------------------------------------------------------------------
+    @property
+    def batch_key(self) -> str | None:
+        """The obs column holding each cell's batch, when the model has a batch covariate (else None)."""
+        return None
+
+    def batch_labels(self, obs: pd.DataFrame) -> np.ndarray | None:
+        """Each cell's batch label from obs[batch_key] (None without a batch covariate)."""
+        key = self.batch_key
+        if key is None:
+            return None
+        if key not in obs:
+            raise InputError(f"batch_key {key!r} is not a column of obs")
+        return obs[key].astype(str).to_numpy()
+
+    def batch_codes(self, labels: Sequence[str] | np.ndarray | None, n_cells: int) -> np.ndarray | None:
+        """Integer codes of per-cell batch labels, in the model's `batch_categories` (None without a batch
+        covariate); missing or unknown labels are a user error."""
+        key = self.batch_key
+        if key is None:
+            return None
+        if labels is None or len(labels) != n_cells:
+            raise InputError(f"this model was trained with batch_key {key!r}: give one batch label per cell")
+        values = np.asarray(labels).astype(str)
+        position = {c: i for i, c in enumerate(self.batch_categories)}
+        unknown = sorted(set(values.tolist()) - set(position))
+        if unknown:
+            raise InputError(f"unknown {key} value(s) {', '.join(unknown[:5])}; the model knows {self.batch_categories}")
+        return np.array([position[v] for v in values], dtype=np.int64)
+
     # --- the interface -------------------------------------------------------------------------------
-    @abstractmethod
-    def fit(self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = ()) -> TrainingHistory:
-        """Train on obs['split'] == 'train' with early stopping on 'validation' (all cells if no split)."""
+    def fit(
+        self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = (), *, layer: str | None = None
+    ) -> TrainingHistory:
+        """Train on the counts of `adata` (.X, or `adata.layers[layer]`), checked to be raw counts.
+
+        Cells with obs['split'] == 'train' are trained on, early stopping watches 'validation'. Without a 'split'
+        column a seeded random tenth of the cells is held out for validation, with a warning saying so; `adata`
+        itself is never modified. `callbacks` are called after every epoch with (epoch, metrics).
+        """
+        counts = training_counts(adata, layer)
+        train, validation = fit_split(adata.obs, self.config.seed)
+        self.genes = [str(g) for g in adata.var_names]
+        self.history = self.fit_counts(counts, adata.obs, train, validation, callbacks)
+        return self.history
 
     @abstractmethod
-    def embed(self, adata: ad.AnnData) -> Embedding:
-        """Latent mean and variance of each cell of `adata` (genes aligned by name)."""
+    def fit_counts(
+        self,
+        counts: sp.csr_matrix,
+        obs: pd.DataFrame,
+        train: np.ndarray,
+        validation: np.ndarray,
+        callbacks: Sequence[EpochCallback],
+    ) -> TrainingHistory:
+        """Train on checked float32 counts (columns = `self.genes`) given the train and validation masks."""
+
+    def embed(self, adata: ad.AnnData, layer: str | None = None, key_added: str | None = "X_scdgm") -> Embedding:
+        """Latent mean and variance of each cell of `adata` (counts of .X or `layer`, genes aligned by name).
+
+        Also stores them as `adata.obsm[key_added]` and `adata.obsm[key_added + '_var']` (default X_scdgm and
+        X_scdgm_var), where scverse tools look for embeddings; `key_added=None` writes nothing.
+        """
+        cells = counts_view(adata, layer)
+        embedding = self.embed_counts(model_counts(cells, self.genes), self.batch_labels(cells.obs))
+        if key_added is not None:
+            adata.obsm[key_added] = embedding.mean
+            adata.obsm[f"{key_added}_var"] = embedding.var
+        return embedding
+
+    @abstractmethod
+    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
+        """Latent mean and variance of cells given as counts in the model's gene order (and their batch labels
+        when the model has a batch covariate)."""
 
     @abstractmethod
     def sample(
@@ -138,8 +230,6 @@ class GenerativeModel(ABC):
 
     def evaluate(self, adata: ad.AnnData, split: str | None = "test") -> dict[str, float]:
         """Held-out metrics on the cells of `split` (all cells when None or when there is no split column)."""
-        from scdgm.models.evaluation import evaluate_model
-
         return evaluate_model(self, adata, split)
 
     @property
@@ -157,21 +247,22 @@ class GenerativeModel(ABC):
         """Restore the learned tensors written by `state_tensors` (the config and genes are already set)."""
 
     def extra_state(self) -> dict[str, Any]:
-        """JSON-serialisable state besides tensors (e.g. batch categories); overridden where needed."""
-        return {}
+        """JSON-serialisable state besides tensors: the batch categories (extended where a model needs more)."""
+        return {"batch_categories": self.batch_categories}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` wrote."""
+        self.batch_categories = list(state.get("batch_categories", []))
 
     def save(self, directory: str | Path) -> Path:
-        """Write config.json, genes.txt and weights.safetensors into `directory` (no pickle anywhere)."""
+        """Write config.json, genes.txt and weights.safetensors into `directory`, each file atomically (no
+        pickle anywhere); other files there (an explanation, metrics) are left alone."""
         if not self.genes:
             raise ScdgmError(f"{self.kind}: cannot save a model that has not been fitted")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
-        save_file(tensors, str(directory / "weights.safetensors"))
-        (directory / "genes.txt").write_text("\n".join(self.genes) + "\n")
+        write_with(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+        write_text_atomic(directory / GENES_FILE, "\n".join(self.genes) + "\n")
         document = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -180,31 +271,63 @@ class GenerativeModel(ABC):
             "history": dataclasses.asdict(self.history),
             "metadata": self.metadata,
         }
-        (directory / "config.json").write_text(json.dumps(document, indent=2, default=_json_default))
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(document, indent=2, default=_json_default))
         return directory
 
     @staticmethod
     def load(directory: str | Path) -> GenerativeModel:
         """Load any model saved by `save`; the kind recorded in config.json picks the class."""
-        from scdgm.models import model_class  # local import: the registry imports every model module
-
         directory = Path(directory)
-        config_path = directory / "config.json"
+        config_path = directory / CONFIG_FILE
         if not config_path.exists():
-            raise ScdgmError(f"{directory}: not a scdgm model directory (no config.json)")
+            raise ScdgmError(f"{directory}: not a scdgm model directory (no {CONFIG_FILE})")
         try:
             document = json.loads(config_path.read_text())
-            cls = model_class(document["kind"])
+            cls = GenerativeModel.class_of(document["kind"])
             model = cls(cls.Config(**document["config"]))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ScdgmError(f"{config_path}: unreadable model config ({exc})") from None
-        model.genes = (directory / "genes.txt").read_text().split()
+        model.genes = (directory / GENES_FILE).read_text().split()
         history = document.get("history") or {}
         model.history = TrainingHistory(**history) if history else TrainingHistory()
         model.metadata = document.get("metadata", {})
         model.load_extra_state(document.get("extra_state", {}))
-        model.load_state_tensors(load_file(str(directory / "weights.safetensors")))
+        model.load_state_tensors(load_file(str(directory / WEIGHTS_FILE)))
         return model
+
+
+class LinearDecoder(ABC):
+    """Declares a linear decoder: expression (on a log scale) is linear in the latents, so genes x factors
+    loadings and each factor's share of variance explain the model (LDVAE, PCA)."""
+
+    @abstractmethod
+    def loadings(self) -> pd.DataFrame:
+        """Genes x factors loadings (factor columns named like the latents: latent_0, ...)."""
+
+    @abstractmethod
+    def variance_explained(self, adata: ad.AnnData | None = None) -> pd.Series:
+        """Share of variance carried by each factor; models whose figure depends on cells measure it on the
+        training cells of `adata` (and raise InputError without it), the others ignore `adata`."""
+
+    @property
+    @abstractmethod
+    def target_sum(self) -> float:
+        """Counts per cell of the log-normalised expression, log1p(counts / library x target_sum), that the
+        loadings are read against."""
+
+
+class CountEncoder(ABC):
+    """Declares an encoder that is a differentiable function of a cell's counts (gradient attributions apply)."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """The device `encode_counts` computes on (inputs go there)."""
+
+    @abstractmethod
+    def encode_counts(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent means (cells x n_latent) of count rows `x` (model gene order, on the model's device, float32),
+        differentiable with respect to `x`; `batch_index` holds the cells' batch codes (see `batch_codes`)."""
 
 
 def coerce_field_types(config: Any) -> None:

@@ -1,15 +1,30 @@
-"""Count matrices out of AnnData, gene alignment by name, device choice and mini-batches from sparse data."""
+"""Count matrices out of AnnData (checked to be counts), gene alignment by name, the training/validation split,
+device choice and mini-batches from sparse data."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
 from scdgm.errors import InputError
+
+VALIDATION_CHUNK = 1 << 24  # stored values checked at once by validate_counts (bounded temporary memory)
+VALIDATION_FRACTION = 0.1
+"""Share of the cells held out for validation (early stopping) when the data have no obs['split']."""
+MIN_CELLS_FOR_VALIDATION = 10
+CLI_NON_INTEGER_HINT = "pass --allow-non-integer if the data really are non-integer"
+BAD_VALUE_MESSAGES = {
+    "non-finite": "{count} non-finite values (NaN or infinity) in the counts, e.g. {example}",
+    "negative": "{count} negative values in the counts, e.g. {example}",
+    "non-integer": "{count} non-integer values in the counts, e.g. {example}: expected raw counts, not normalised or "
+    "log data ({hint})",
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -21,12 +36,33 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def count_matrix(adata: ad.AnnData) -> sp.csr_matrix:
-    """Raw counts as float32 CSR: layers['counts'] when present, else .X."""
-    matrix = adata.layers["counts"] if "counts" in adata.layers else adata.X
+def layer_name(layer: str | None) -> str:
+    """How a count matrix is named in messages: adata.X or adata.layers['NAME']."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def layer_matrix(adata: ad.AnnData, layer: str | None = None) -> np.ndarray | sp.spmatrix:
+    """The matrix of `adata.layers[layer]`, or of .X when `layer` is None (not converted)."""
+    if layer is not None and layer not in adata.layers:
+        present = ", ".join(map(repr, adata.layers.keys())) or "none"
+        raise InputError(f"{layer_name(layer)} does not exist (layers present: {present})")
+    matrix = adata.X if layer is None else adata.layers[layer]
     if matrix is None:
-        raise InputError("the AnnData has no count matrix (.X and layers['counts'] are empty)")
-    return sp.csr_matrix(matrix, dtype=np.float32)
+        raise InputError(f"the AnnData has no count matrix in {layer_name(layer)}")
+    return matrix
+
+
+def counts_view(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
+    """`adata` itself when `layer` is None, else an AnnData sharing its obs and var whose .X is that layer:
+    every model method reads counts from .X, so this is how a layer is read (the input is not modified)."""
+    if layer is None:
+        return adata
+    return ad.AnnData(X=layer_matrix(adata, layer), obs=adata.obs, var=adata.var)
+
+
+def count_matrix(adata: ad.AnnData) -> sp.csr_matrix:
+    """The counts of .X as float32 CSR."""
+    return sp.csr_matrix(layer_matrix(adata), dtype=np.float32)
 
 
 def align_genes(
@@ -41,7 +77,7 @@ def align_genes(
     if len(position) != len(genes):
         raise InputError("gene names are not unique")
     source = np.array([position.get(g, -1) for g in expected], dtype=np.int64)
-    missing = [g for g, s in zip(expected, source) if s < 0]
+    missing = [g for g, s in zip(expected, source, strict=True) if s < 0]
     if len(expected) and len(missing) / len(expected) > max_missing_fraction:
         raise InputError(
             f"{len(missing)} of {len(expected)} expected genes are missing (more than "
@@ -70,6 +106,101 @@ def split_mask(adata: ad.AnnData, split: str | None) -> np.ndarray:
         return np.ones(adata.n_obs, dtype=bool)
     mask = (adata.obs["split"].astype(str) == split).to_numpy()
     return mask
+
+
+def fit_split(obs: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) masks: from obs['split'] when present, else a seeded random split holding out
+    VALIDATION_FRACTION of the cells for validation (none below MIN_CELLS_FOR_VALIDATION cells), announced
+    with a UserWarning. obs is only read: the automatic split is not written anywhere."""
+    n_cells = len(obs)
+    if "split" in obs:
+        split = obs["split"].astype(str).to_numpy()
+        train, validation = split == "train", split == "validation"
+        if not train.any():
+            raise InputError("no training cells: obs['split'] has no 'train' entries")
+        return train, validation
+    n_validation = round(VALIDATION_FRACTION * n_cells) if n_cells >= MIN_CELLS_FOR_VALIDATION else 0
+    validation = np.zeros(n_cells, dtype=bool)
+    validation[np.random.default_rng(seed).permutation(n_cells)[:n_validation]] = True
+    share = n_validation / max(n_cells, 1)
+    warnings.warn(
+        f"obs has no 'split' column: training on a random {1 - share:.0%} of the cells and validating (early "
+        f"stopping) on the other {share:.0%} ({n_validation} cells, seed {seed}); the AnnData is not modified. "
+        "Set obs['split'] to 'train'/'validation'/'test' to choose the cells.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return ~validation, validation
+
+
+def _example(matrix: np.ndarray | sp.spmatrix, adata: ad.AnnData, position: int, values: np.ndarray) -> str:
+    """'VALUE at cell C, gene G' for the `position`-th stored value of `matrix` (CSR/CSC data or dense C order)."""
+    if sp.issparse(matrix):
+        matrix = matrix if matrix.format in ("csr", "csc") else sp.csr_matrix(matrix)
+        major = int(np.searchsorted(matrix.indptr, position, side="right") - 1)
+        minor = int(matrix.indices[position])
+        row, col = (major, minor) if matrix.format == "csr" else (minor, major)
+    else:
+        row, col = divmod(position, adata.n_vars)
+    return f"{values[position]} at cell {adata.obs_names[row]!r}, gene {adata.var_names[col]!r}"
+
+
+def _bad_value_masks(chunk: np.ndarray, allow_non_integer: bool) -> dict[str, np.ndarray]:
+    """Boolean masks of the values in `chunk` that cannot be counts, by problem (see BAD_VALUE_MESSAGES)."""
+    if chunk.dtype.kind != "f":
+        return {"negative": chunk < 0} if chunk.dtype.kind == "i" else {}
+    finite = np.isfinite(chunk)
+    masks = {"non-finite": ~finite, "negative": (chunk < 0) & finite}
+    if not allow_non_integer:
+        masks["non-integer"] = (np.floor(chunk) != chunk) & finite
+    return masks
+
+
+def validate_counts(
+    adata: ad.AnnData,
+    allow_non_integer: bool = False,
+    *,
+    layer: str | None = None,
+    non_integer_hint: str = CLI_NON_INTEGER_HINT,
+) -> None:
+    """Raise InputError unless .X (or `layer`) holds a non-empty matrix of finite, non-negative (integer) counts.
+
+    Checks only the stored values of a sparse matrix, vectorised in chunks, so 1M cells x 2000 genes takes
+    about a second; the message says how many values are bad and names one cell and gene, and for
+    non-integer values ends with `non_integer_hint` (what the caller can do about it).
+    """
+    matrix = layer_matrix(adata, layer)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"the count matrix is empty: {adata.n_obs} cells x {adata.n_vars} genes")
+    if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+        matrix = sp.csr_matrix(matrix)
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).reshape(-1)
+    if values.dtype.kind not in "biuf":
+        raise InputError(f"counts must be numbers, got values of type {values.dtype}")
+    found: dict[str, list[int]] = {}  # problem -> [how many, position of the first]
+    for start in range(0, values.size, VALIDATION_CHUNK):
+        for problem, mask in _bad_value_masks(values[start : start + VALIDATION_CHUNK], allow_non_integer).items():
+            count = int(np.count_nonzero(mask))
+            tally = found.setdefault(problem, [0, -1])
+            if count and tally[1] < 0:
+                tally[1] = start + int(np.argmax(mask))
+            tally[0] += count
+    for problem, (count, position) in found.items():
+        if count:
+            example = _example(matrix, adata, position, values)
+            raise InputError(BAD_VALUE_MESSAGES[problem].format(count=count, example=example, hint=non_integer_hint))
+
+
+def training_counts(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
+    """The counts a model is fitted on (float32 CSR), checked to be raw counts; the error names the layer and,
+    for normalised or log data, says to fit on the raw counts' layer."""
+    try:
+        validate_counts(
+            adata, layer=layer, non_integer_hint="fit on the raw counts, e.g. model.fit(adata, layer='counts')"
+        )
+    except InputError as exc:
+        raise InputError(f"{layer_name(layer)}: {exc}") from None
+    return sp.csr_matrix(layer_matrix(adata, layer), dtype=np.float32)
 
 
 @dataclass

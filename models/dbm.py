@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
+from scdgm.errors import InputError
 from scdgm.models.data import Batch, model_counts
 from scdgm.models.torch_model import TorchModel, TrainConfig
 from scdgm.models.training import StepContext
-from scdgm.errors import InputError
 
 PLL_CHUNK = 2**24  # cells × genes × hidden units evaluated at once by the exact pseudo-likelihood
 
@@ -58,8 +58,8 @@ class DBMConfig(TrainConfig):
     """Gibbs sweeps from random states before a prior draw is taken."""
     init_scale: float = 0.1
     batch_size: int = 32
-    max_epochs: int = 200
-    patience: int = 20
+    max_epochs: int = 400
+    patience: int = 30
 
 
 def bernoulli(p: torch.Tensor) -> torch.Tensor:
@@ -90,6 +90,7 @@ class DBMModule(nn.Module):
         self.register_buffer("chain_v", bernoulli(rate.expand(config.n_chains, -1).contiguous()))
         self.register_buffer("chain_h1", bernoulli(torch.full((config.n_chains, h1), 0.5)))
         self.register_buffer("chain_h2", bernoulli(torch.full((config.n_chains, h2), 0.5)))
+        self.library_prior = None  # binary expression: library sizes are not modelled
 
     # --- conditionals ----------------------------------------------------------------------------------
     def binarise(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,5 +272,5 @@ class DBM(TorchModel):
 
     def heldout_nll(self, adata: ad.AnnData) -> dict[str, float]:
         """Mean per-cell pseudo-NLL of the binarised cells, exact over all genes (h2 at mean field)."""
-        parts = self._map(adata, lambda m, b: m.pseudo_nll(m.binarise(b.x)))
+        parts = self._map(self.inference_batches(adata), lambda m, b: m.pseudo_nll(m.binarise(b.x)))
         return {"pseudo_nll": float(torch.cat(parts).mean())}

@@ -8,29 +8,45 @@ each split are used, drawn with a fixed seed, so evaluation stays fast and repea
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Literal, Protocol
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from scdgm.models.data import model_counts, split_mask
 from scdgm.errors import InputError
-
-if TYPE_CHECKING:
-    from scdgm.models.base import GenerativeModel
+from scdgm.models.data import model_counts, split_mask
 
 MAX_CELLS = 2000
 TARGET_SUM = 1e4
 serial_blas = threadpool_limits.wrap(limits=1, user_api="blas")
 """The matrices here are small: one BLAS thread is as fast, and far faster when the cores are oversubscribed
 (OpenBLAS threads spinning against torch's OpenMP threads slowed a PCA 30-fold in our measurements)."""
+# scikit-learn is imported inside the functions that use it: it takes about a second to import, and most users
+# of scdgm.models (training, serving) never evaluate.
+
+
+class EvaluatedModel(Protocol):
+    """What evaluation uses of a model (the GenerativeModel interface; declared here so that models.base, which
+    calls evaluation, is not imported back)."""
+
+    genes: list[str]
+    output: Literal["counts", "binary"]
+
+    def heldout_nll(self, adata: ad.AnnData) -> dict[str, float]: ...
+
+    def reconstruct(self, adata: ad.AnnData) -> np.ndarray: ...
+
+    def sample(self, adata: ad.AnnData | None = None, n: int | None = None, source: Any = "posterior",
+               draws: int = 1, seed: int | None = None) -> Any: ...
+
+    def embed(self, adata: ad.AnnData, layer: str | None = None, key_added: str | None = "X_scdgm") -> Any: ...
 
 
 @serial_blas
 def evaluate_model(
-    model: GenerativeModel, adata: ad.AnnData, split: str | None = "test", seed: int = 0
+    model: EvaluatedModel, adata: ad.AnnData, split: str | None = "test", seed: int = 0
 ) -> dict[str, float]:
     """Metrics of `model` on the cells of `split` (all cells when None or without obs['split'])."""
     heldout = _subsample(adata[split_mask(adata, split)], seed)
@@ -178,14 +194,15 @@ def knn_accuracy(
     return float(classifier.score(z_test, np.asarray(y_test)))
 
 
-def latent_metrics(model: GenerativeModel, train: ad.AnnData, heldout: ad.AnnData) -> dict[str, float]:
+def latent_metrics(model: EvaluatedModel, train: ad.AnnData, heldout: ad.AnnData) -> dict[str, float]:
     """kNN accuracy of obs['cell_type'] from training to held-out embeddings, and the held-out silhouette."""
     from sklearn.metrics import silhouette_score
 
     labels_train = train.obs["cell_type"].astype(str).to_numpy()
     labels_test = heldout.obs["cell_type"].astype(str).to_numpy()
-    z_test = model.embed(heldout).mean
-    metrics = {"knn_accuracy": knn_accuracy(model.embed(train).mean, labels_train, z_test, labels_test)}
+    z_test = model.embed(heldout, key_added=None).mean
+    z_train = model.embed(train, key_added=None).mean
+    metrics = {"knn_accuracy": knn_accuracy(z_train, labels_train, z_test, labels_test)}
     if 2 <= len(set(labels_test)) < len(labels_test):
         metrics["silhouette"] = float(silhouette_score(z_test, labels_test))
     return metrics

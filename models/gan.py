@@ -35,12 +35,12 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from scdgm.errors import InputError
 from scdgm.models.data import Batch, expression_to_counts, log_normalize
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.nn import mlp, with_batch
-from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
 from scdgm.models.training import StepContext
-from scdgm.errors import InputError
 
 COUNT_NOISE = ("round", "poisson")
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # RBF bandwidths relative to the median squared distance of real cells
@@ -63,7 +63,7 @@ class WGANConfig(TrainConfig):
     target_sum: float = 1e4
     lr: float = 1e-4
     batch_size: int = 64
-    max_epochs: int = 300
+    max_epochs: int = 400
     patience: int = 30
     grad_clip: float | None = None
 
@@ -202,7 +202,7 @@ class WGANModule(nn.Module):
         return torch.expm1(expression) * (batch.log_library.exp() / self.config.target_sum).unsqueeze(1)
 
 
-class WGAN(TorchModel):
+class WGAN(TorchCountEncoder):
     """WGAN-GP producing counts, with an encoder trained to invert the generator."""
 
     kind = "gan"

@@ -21,19 +21,19 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scdgm.models.base import EpochCallback, Embedding, GenerativeModel, Samples, Source, TrainingHistory
-from scdgm.models.data import (
-    CountBatches,
-    count_matrix,
-    expression_to_counts,
-    log_normalize,
-    model_counts,
-    resolve_device,
-    split_mask,
+from scdgm.errors import InputError
+from scdgm.models.base import (
+    Embedding,
+    EpochCallback,
+    GenerativeModel,
+    LinearDecoder,
+    Samples,
+    Source,
+    TrainingHistory,
 )
+from scdgm.models.data import CountBatches, expression_to_counts, log_normalize, model_counts, resolve_device
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.training import seed_everything
-from scdgm.errors import InputError
 
 METHODS = ("ppca", "fa")
 CHUNK = 4096  # cells per chunk when streaming over a count matrix
@@ -57,7 +57,7 @@ class PCAConfig:
     device: str = "auto"
 
 
-class PCA(GenerativeModel):
+class PCA(GenerativeModel, LinearDecoder):
     """Probabilistic PCA / factor analysis: closed-form posterior, Gaussian held-out likelihood, Poisson counts."""
 
     kind = "pca"
@@ -79,20 +79,26 @@ class PCA(GenerativeModel):
     def device(self) -> torch.device:
         return resolve_device(self.config.device)
 
+    @property
+    def target_sum(self) -> float:
+        return self.config.target_sum
+
     # --- fitting ---------------------------------------------------------------------------------------
-    def fit(self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = ()) -> TrainingHistory:
+    def fit_counts(
+        self,
+        counts: sp.csr_matrix,
+        obs: pd.DataFrame,
+        train: np.ndarray,
+        validation: np.ndarray,
+        callbacks: Sequence[EpochCallback],
+    ) -> TrainingHistory:
         """Fit on the training cells: closed form (PPCA) or sklearn's FactorAnalysis (FA). The history has one
         'epoch' whose train_loss / validation_loss are the mean Gaussian NLL per cell (log-normalised scale)."""
         started = time.perf_counter()
         seed_everything(self.config.seed)
-        counts = count_matrix(adata)
-        train = split_mask(adata, "train")
-        if not train.any():
-            raise InputError("no training cells: obs['split'] has no 'train' entries")
         n_genes = counts.shape[1]
         if self.config.n_latent >= n_genes:
             raise InputError(f"pca: n_latent ({self.config.n_latent}) must be below the number of genes ({n_genes})")
-        self.genes = [str(g) for g in adata.var_names]
         train_counts = counts[train]
         fitted = self._fit_ppca(train_counts) if self.config.method == "ppca" else self._fit_fa(train_counts)
         mean, loadings, noise, total = fitted
@@ -109,7 +115,6 @@ class PCA(GenerativeModel):
         library_prior.fit(CountBatches(train_counts).log_library.double(), None)
         self.params.update({f"library_prior.{k}": v.to(self.device) for k, v in library_prior.state_dict().items()})
         metrics = {"train_loss": float(self._gaussian_nll(train_counts).mean())}
-        validation = split_mask(adata, "validation") if "split" in adata.obs else np.zeros(adata.n_obs, bool)
         if validation.any():
             metrics["validation_loss"] = float(self._gaussian_nll(counts[validation]).mean())
         metrics["epoch"] = 0
@@ -143,7 +148,7 @@ class PCA(GenerativeModel):
 
     def _fit_fa(self, counts: sp.csr_matrix) -> tuple[torch.Tensor, ...]:
         """Factor analysis by sklearn on the dense log-normalised training cells."""
-        from sklearn.decomposition import FactorAnalysis
+        from sklearn.decomposition import FactorAnalysis  # here: importing sklearn takes ~1 s; only FA needs it
 
         y = torch.cat([y for y, _ in self._log_expression(counts)]).cpu().numpy()
         c = self.config
@@ -180,19 +185,19 @@ class PCA(GenerativeModel):
         for y, log_library in self._log_expression(counts):
             yield y - mean, log_library
 
-    def _posterior_mean(self, adata: ad.AnnData) -> tuple[torch.Tensor, torch.Tensor]:
+    def _posterior_mean(self, cells: ad.AnnData | sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means of the latent and the cells' log library sizes."""
         _, projection = self._posterior_terms()
         means, libraries = [], []
-        for centred, log_library in self._centred(adata):
+        for centred, log_library in self._centred(cells):
             means.append(centred @ projection.T)
             libraries.append(log_library)
         return torch.cat(means), torch.cat(libraries)
 
-    def embed(self, adata: ad.AnnData) -> Embedding:
+    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
         """Posterior mean and (diagonal) variance of each cell's latent; the variance is the same for all cells."""
         covariance, _ = self._posterior_terms()
-        mean, _ = self._posterior_mean(adata)
+        mean, _ = self._posterior_mean(counts)
         var = torch.diagonal(covariance).expand(mean.shape[0], -1)
         return Embedding(mean=mean.float().cpu().numpy(), var=var.float().cpu().numpy())
 
@@ -269,9 +274,10 @@ class PCA(GenerativeModel):
         w = self._require_fitted()["loadings"].cpu().numpy()
         return pd.DataFrame(w, index=self.genes, columns=self.factor_names())
 
-    def variance_explained(self) -> pd.Series:
+    def variance_explained(self, adata: ad.AnnData | None = None) -> pd.Series:
         """Share of the total log-normalised variance carried by each factor, ‖w_k‖² / total variance
-        (for PPCA: (λ_k − σ²) / Σλ, the eigenvalue less the noise variance)."""
+        (for PPCA: (λ_k − σ²) / Σλ, the eigenvalue less the noise variance); a property of the fit, so
+        `adata` is not used."""
         params = self._require_fitted()
         shares = (params["loadings"] ** 2).sum(0) / params["total_variance"]
         return pd.Series(shares.cpu().numpy(), index=self.factor_names(), name="variance_explained")

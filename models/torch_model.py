@@ -1,7 +1,8 @@
 """Shared machinery of the gradient-trained models (ae, vae, ldvae, gan, dbm): fitting through the one
 training loop, batch covariates, batched embedding and sampling, and weights as the module's state dict.
 
-A model supplies `build_module`; the module supplies the hooks of `GenerativeModule` below.
+A model supplies `build_module`; the module supplies the hooks of `GenerativeModule` below. Models whose
+encoder reads the counts differentiably derive from `TorchCountEncoder`, which declares `CountEncoder`.
 """
 from __future__ import annotations
 
@@ -12,13 +13,24 @@ from typing import Any, Protocol
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scdgm.models.base import EpochCallback, Embedding, GenerativeModel, Samples, Source, TrainingHistory, coerce_field_types
-from scdgm.models.data import Batch, CountBatches, count_matrix, model_counts, resolve_device, split_mask
-from scdgm.models.training import LoopConfig, fit_module, seed_everything
 from scdgm.errors import InputError
+from scdgm.models.base import (
+    CountEncoder,
+    Embedding,
+    EpochCallback,
+    GenerativeModel,
+    Samples,
+    Source,
+    TrainingHistory,
+    coerce_field_types,
+)
+from scdgm.models.data import Batch, CountBatches, model_counts, resolve_device
+from scdgm.models.likelihoods import LibraryPrior
+from scdgm.models.training import LoopConfig, fit_module, seed_everything
 
 
 @dataclass
@@ -27,11 +39,11 @@ class TrainConfig:
 
     seed: int = 0
     device: str = "auto"
-    max_epochs: int = 100
+    max_epochs: int = 400
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 10
+    patience: int = 30
     grad_clip: float | None = 10.0
     batch_key: str | None = None
     progress: bool = True
@@ -42,6 +54,9 @@ class TrainConfig:
 
 class GenerativeModule(Protocol):
     """Hooks a torch module offers (besides the training-loop hooks of models.training.TrainableModule)."""
+
+    library_prior: LibraryPrior | None
+    """The log-library-size model of the training cells, fitted per batch before training (None: no library)."""
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance of the batch's cells."""
@@ -65,31 +80,37 @@ class TorchModel(GenerativeModel):
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self.module: torch.nn.Module | None = None
-        self.batch_categories: list[str] = []
+
+    @property
+    def batch_key(self) -> str | None:
+        return self.config.batch_key
 
     @abstractmethod
     def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> torch.nn.Module:
         """Create the torch module; `train_counts` (None when loading) lets it set data-derived buffers."""
 
     def init_from_data(self, train_batches: CountBatches) -> None:
-        """Set data-derived buffers of the new module from the training batches: a module with a
-        `library_prior` gets it fitted per batch (it needs the batch codes `build_module` does not see)."""
-        prior = getattr(self.module, "library_prior", None)
-        if prior is not None:
-            prior.fit(train_batches.log_library, train_batches.batch_codes)
+        """Set data-derived buffers of the new module from the training batches: its library prior is fitted per
+        batch (it needs the batch codes `build_module` does not see)."""
+        if self.module.library_prior is not None:
+            self.module.library_prior.fit(train_batches.log_library, train_batches.batch_codes)
 
     # --- fitting ---------------------------------------------------------------------------------------
-    def fit(self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = ()) -> TrainingHistory:
+    def fit_counts(
+        self,
+        counts: sp.csr_matrix,
+        obs: pd.DataFrame,
+        train: np.ndarray,
+        validation: np.ndarray,
+        callbacks: Sequence[EpochCallback],
+    ) -> TrainingHistory:
         config = self.config
         seed_everything(config.seed)
         device = resolve_device(config.device)
-        self.genes = [str(g) for g in adata.var_names]
-        counts = count_matrix(adata)
-        codes = self._batch_codes(adata, fitting=True)
-        train = split_mask(adata, "train")
-        if not train.any():
-            raise InputError("no training cells: obs['split'] has no 'train' entries")
-        validation = split_mask(adata, "validation") if "split" in adata.obs else np.zeros(adata.n_obs, bool)
+        labels = self.batch_labels(obs)
+        if labels is not None:
+            self.batch_categories = sorted(set(labels.tolist()))
+        codes = self.batch_codes(labels, counts.shape[0])
         self.module = self.build_module(len(self.genes), len(self.batch_categories), counts[train]).to(device)
         train_batches = self._batches(counts[train], codes, train, shuffle=True)
         self.init_from_data(train_batches)
@@ -118,22 +139,6 @@ class TorchModel(GenerativeModel):
             drop_last=shuffle,
         )
 
-    def _batch_codes(self, adata: ad.AnnData, fitting: bool = False) -> np.ndarray | None:
-        """Integer batch codes from obs[batch_key]; categories are fixed when fitting."""
-        key = self.config.batch_key
-        if key is None:
-            return None
-        if key not in adata.obs:
-            raise InputError(f"batch_key {key!r} is not a column of obs")
-        values = adata.obs[key].astype(str).to_numpy()
-        if fitting:
-            self.batch_categories = sorted(set(values))
-        position = {c: i for i, c in enumerate(self.batch_categories)}
-        unknown = sorted(set(values) - set(position))
-        if unknown:
-            raise InputError(f"unknown {key} value(s) {', '.join(unknown[:5])}; the model knows {self.batch_categories}")
-        return np.array([position[v] for v in values], dtype=np.int64)
-
     # --- inference -------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -146,28 +151,32 @@ class TorchModel(GenerativeModel):
             raise InputError(f"{self.kind}: the model has not been fitted or loaded")
         return self.module
 
+    def count_batches(
+        self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None, batch_size: int = 4096
+    ) -> CountBatches:
+        """Inference batches of cells given as counts in the model's gene order (and their batch labels)."""
+        self._require_module()
+        codes = self.batch_codes(batch, counts.shape[0])
+        return CountBatches(counts, batch_codes=codes, batch_size=batch_size, device=self.device)
+
     def inference_batches(self, adata: ad.AnnData, batch_size: int = 4096) -> CountBatches:
         """Batches of `adata`'s cells in the model's gene order, for inference."""
-        self._require_module()
-        counts = model_counts(adata, self.genes)
-        return CountBatches(
-            counts, batch_codes=self._batch_codes(adata), batch_size=batch_size, device=self.device
-        )
+        return self.count_batches(model_counts(adata, self.genes), self.batch_labels(adata.obs), batch_size)
 
-    def _map(self, adata: ad.AnnData, fn: Any) -> list[Any]:
+    def _map(self, batches: CountBatches, fn: Any) -> list[Any]:
         module = self._require_module()
         module.eval()
         with torch.no_grad():
-            return [fn(module, batch) for batch in self.inference_batches(adata)]
+            return [fn(module, batch) for batch in batches]
 
-    def embed(self, adata: ad.AnnData) -> Embedding:
-        parts = self._map(adata, lambda m, b: m.encode(b))
+    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
+        parts = self._map(self.count_batches(counts, batch), lambda m, b: m.encode(b))
         mean = torch.cat([p[0] for p in parts]).cpu().numpy()
         var = torch.cat([p[1] for p in parts]).cpu().numpy()
         return Embedding(mean=mean, var=var)
 
     def reconstruct(self, adata: ad.AnnData) -> np.ndarray:
-        return torch.cat(self._map(adata, lambda m, b: m.expected(b))).cpu().numpy()
+        return torch.cat(self._map(self.inference_batches(adata), lambda m, b: m.expected(b))).cpu().numpy()
 
     def sample(
         self,
@@ -217,8 +226,13 @@ class TorchModel(GenerativeModel):
         module.load_state_dict(tensors)
         self.module = module.to(resolve_device(self.config.device)).eval()
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"batch_categories": self.batch_categories}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.batch_categories = list(state.get("batch_categories", []))
+class TorchCountEncoder(TorchModel, CountEncoder):
+    """A torch model whose encoder reads the counts themselves (not a binarised form): its latent mean is
+    differentiable in the counts, with the log library size recomputed from them."""
+
+    def encode_counts(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        module = self._require_module()
+        log_library = torch.log(x.sum(dim=1).clamp_min(1.0))
+        index = torch.arange(x.shape[0], device=x.device)
+        return module.encode(Batch(x=x, log_library=log_library, batch_index=batch_index, index=index))[0]

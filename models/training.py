@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scdgm.errors import ScdgmError
 from scdgm.models.base import EpochCallback, TrainingHistory
 from scdgm.models.data import Batch, CountBatches
-from scdgm.errors import ScdgmError
 
 
 class TrainingDiverged(ScdgmError):

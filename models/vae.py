@@ -20,16 +20,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scdgm.models.base import EpochCallback, TrainingHistory
+from scdgm.errors import InputError, ScdgmError
+from scdgm.models.base import EpochCallback, LinearDecoder, TrainingHistory
 from scdgm.models.data import Batch, split_mask
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
 from scdgm.models.nn import mlp, with_batch
-from scdgm.models.torch_model import TorchModel, TrainConfig
+from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
 from scdgm.models.training import StepContext
-from scdgm.errors import ScdgmError
 
 VAR_EPS = 1e-4
 MAX_LOG_VAR = 12.0
+LOADINGS_TARGET_SUM = 1e4  # counts per cell of the log-normalised expression LDVAE loadings are read against
 
 
 @dataclass
@@ -290,7 +291,7 @@ def adam(parameters: object, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, eps=0.01, fused=True)
 
 
-class VAE(TorchModel):
+class VAE(TorchCountEncoder):
     """scVI-style VAE: NB/ZINB/Poisson likelihood, observed or learned library, optional batch covariate."""
 
     kind = "vae"
@@ -323,7 +324,7 @@ class VAE(TorchModel):
         return {"nll_elbo": -torch.cat(elbo).mean().item(), "nll_marginal": -torch.cat(marginal).mean().item()}
 
 
-class LDVAE(VAE):
+class LDVAE(VAE, LinearDecoder):
     """Linearly decoded VAE: the same encoder, a linear decoder whose weights are gene loadings per latent.
 
     The ELBO does not change when the latent basis rotates (isotropic prior), so the factors a fit lands on
@@ -336,14 +337,26 @@ class LDVAE(VAE):
     Config = LDVAEConfig
     linear_decoder = True
 
-    def fit(self, adata: ad.AnnData, callbacks: Sequence[EpochCallback] = ()) -> TrainingHistory:
-        history = super().fit(adata, callbacks)
+    def fit_counts(
+        self,
+        counts: sp.csr_matrix,
+        obs: pd.DataFrame,
+        train: np.ndarray,
+        validation: np.ndarray,
+        callbacks: Sequence[EpochCallback],
+    ) -> TrainingHistory:
+        """Train, then (rotation='varimax') rotate the reported latent basis to the varimax loadings."""
+        history = super().fit_counts(counts, obs, train, validation, callbacks)
         if self.config.rotation == "varimax":
             module = self.module
             weights = module.decoder.linear_weights()[:, : self.n_latent].detach().cpu().double().numpy()
             rotation = torch.from_numpy(varimax(weights)).to(module.rotation)
             module.rotation.copy_(rotation)
         return history
+
+    @property
+    def target_sum(self) -> float:
+        return LOADINGS_TARGET_SUM
 
     def loadings(self) -> pd.DataFrame:
         """Gene × latent loadings of the linear decoder (batch norm folded in, as scVI's `get_loadings`), in the
@@ -353,7 +366,7 @@ class LDVAE(VAE):
         columns = [f"latent_{i}" for i in range(self.n_latent)]
         return pd.DataFrame(weights.detach().cpu().numpy(), index=self.genes, columns=columns)
 
-    def variance_explained(self, adata: ad.AnnData) -> pd.Series:
+    def variance_explained(self, adata: ad.AnnData | None = None) -> pd.Series:
         """Share of the variance of the decoder's linear predictor captured by each latent.
 
         With loadings W (genes × latents) and the latent means z of the training cells of `adata` (all cells
@@ -361,7 +374,9 @@ class LDVAE(VAE):
         sum_g W_gk^2 Var(z_k) / sum_g Var(eta_g); the shares sum to 1 when the latents are uncorrelated and
         otherwise leave the covariance terms out.
         """
-        z = self.embed(adata[split_mask(adata, "train")]).mean.astype(np.float64)
+        if adata is None:
+            raise InputError(f"{self.kind}: variance explained needs the cells (adata)")
+        z = self.embed(adata[split_mask(adata, "train")], key_added=None).mean.astype(np.float64)
         loadings = self.loadings()
         weights = loadings.to_numpy(dtype=np.float64)
         predictor = (z - z.mean(0)) @ weights.T

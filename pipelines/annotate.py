@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from scdgm.errors import InputError
 
@@ -33,7 +34,7 @@ def load_markers(path: str | Path = MARKERS_PATH) -> dict[str, list[str]]:
 
 def _dense(matrix: Any) -> np.ndarray:
     """A sparse or dense matrix as a dense array."""
-    return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
 
 
 def cluster_cells(

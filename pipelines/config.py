@@ -19,10 +19,21 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
     params = default_params()
     project_file = project_dir() / PARAMS_FILE
     if project_file.is_file():
-        params = merge(params, read_params_file(project_file))
+        params = layer(params, read_params_file(project_file))
     if path is not None and Path(path).resolve() != project_file:
-        params = merge(params, read_params_file(path))
+        params = layer(params, read_params_file(path))
     return params
+
+
+def layer(params: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`params` updated by `override` key by key, except that a search space (`tune.spaces.<model>`) given in
+    `override` replaces the one below it whole: a space lists every hyperparameter searched."""
+    merged = merge(params, override)
+    spaces = (override.get("tune") or {}).get("spaces")
+    if isinstance(spaces, dict):
+        for kind, space in spaces.items():
+            merged["tune"]["spaces"][kind] = copy.deepcopy(space)
+    return merged
 
 
 def parse_value(text: str) -> Any:

@@ -1,9 +1,9 @@
 """`scdgm evaluate`: held-out metrics of a model directory, written where DVC looks for them.
 
-- `--out` (reports/metrics.json): the test metrics, and the explanation's summary numbers when the model has
+- `--out` (<project>/reports/metrics.json): the test metrics, and the explanation's summary numbers when the model has
   one (label-transfer accuracy, its majority baseline, unseen pattern fraction) — for `dvc metrics show/diff`;
-- `--history` (reports/history.csv): the per-epoch losses and learning rate — for `dvc plots show`;
-- `--figures` (reports/figures/): loss curves and the test cells' latent space as PNG.
+- `--history` (<project>/reports/history.csv): the per-epoch losses and learning rate — for `dvc plots show`;
+- `--figures` (<project>/reports/figures/): loss curves and the test cells' latent space as PNG.
 
 When the model was trained as an MLflow run (its mlflow_run.json), the metrics (prefixed `<split>_`) and the
 figures are added to that run.
@@ -17,15 +17,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from scdgm.pipelines import tracking
 from scdgm.errors import ScdgmError
+from scdgm.files import write_json_atomic, write_text_atomic
+from scdgm.formats import EXPLANATION_FILE, RUN_RECORD, is_model_directory
+from scdgm.interpret.plots import latent_scatter
+from scdgm.models import load_model
+from scdgm.models.base import GenerativeModel
+from scdgm.models.data import split_mask
+from scdgm.pipelines import tracking
+from scdgm.pipelines.io import read_counts
+from scdgm.pipelines.pyfunc import explanation_folder
+from scdgm.project import REPORTS, project_path
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from scdgm.models.base import GenerativeModel
-
-REPORTS = Path("reports")
 LOSS_PREFIXES = ("train_", "validation_")
 SUMMARY_KEYS = {
     "accuracy": "label_transfer_accuracy",
@@ -37,7 +43,7 @@ SUMMARY_KEYS = {
 
 def explanation_summary(folder: Path | None) -> dict[str, float]:
     """The headline numbers of the explanation in `folder` (none without one)."""
-    path = folder / "explanation.json" if folder is not None else None
+    path = folder / EXPLANATION_FILE if folder is not None else None
     if path is None or not path.is_file():
         return {}
     report = json.loads(path.read_text())
@@ -89,13 +95,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `model_dir` on the cells of `split` and write the metrics, history and figures; `explanation`
     (default: the model's own explanation/) adds its summary."""
-    from scdgm.interpret.plots import latent_scatter
-    from scdgm.models import load_model
-    from scdgm.models.data import split_mask
-    from scdgm.pipelines.io import read_counts
-    from scdgm.pipelines.pyfunc import explanation_folder
-
-    if not (model_dir / "config.json").is_file():
+    if not is_model_directory(model_dir):
         raise ScdgmError(f"{model_dir}: not a model directory (no config.json)")
     model = load_model(str(model_dir))
     adata = read_counts(data)
@@ -107,20 +107,20 @@ def evaluate(
     summary = explanation_summary(explanation_folder(model_dir, explanation))
     if summary:
         document["explanation"] = summary
-    tracking.write_text_atomic(out, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out, document)
     written = [out]
     frame = history_frame(model)
     if history is not None:
-        written.append(tracking.write_text_atomic(history, frame.to_csv(index=False)))
+        written.append(write_text_atomic(history, frame.to_csv(index=False)))
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
         written.append(loss_figure(frame, figures / "loss.png", f"{model.kind} training"))
         heldout = adata[cells]
         labels = heldout.obs["cell_type"].astype(str).to_numpy() if "cell_type" in heldout.obs else ["cells"] * heldout.n_obs
         written.append(
-            latent_scatter(model.embed(heldout).mean, labels, figures / "latent_test.png", title=f"{model.kind}: {split} cells")
+            latent_scatter(model.embed(heldout, key_added=None).mean, labels, figures / "latent_test.png", title=f"{model.kind}: {split} cells")
         )
-    if (model_dir / tracking.RUN_RECORD).is_file():
+    if (model_dir / RUN_RECORD).is_file():
         _log_to_run(model_dir, {f"{split}_{k}": v for k, v in metrics.items()} | summary, written)
     return document
 
@@ -139,12 +139,15 @@ def evaluate_command(
     model: Annotated[Path, typer.Option("--model", help="Model directory written by `scdgm train`.")],
     data: Annotated[Path, typer.Option("--data", help="Prepared cells (.h5ad) with obs['split'].")],
     split: Annotated[str, typer.Option(help="Cells to evaluate on (obs['split']).")] = "test",
-    out: Annotated[Path, typer.Option(help="Metrics JSON (for `dvc metrics show`).")] = REPORTS / "metrics.json",
-    history: Annotated[Path | None, typer.Option(help="Per-epoch history CSV (for `dvc plots show`).")] = REPORTS / "history.csv",
-    figures: Annotated[Path | None, typer.Option(help="Folder for the loss and latent-space figures.")] = REPORTS / "figures",
+    out: Annotated[Path | None, typer.Option(help="Metrics JSON (for `dvc metrics show`) [default: <project>/reports/metrics.json].")] = None,
+    history: Annotated[Path | None, typer.Option(help="Per-epoch history CSV (for `dvc plots show`) [default: <project>/reports/history.csv].")] = None,
+    figures: Annotated[Path | None, typer.Option(help="Folder for the loss and latent-space figures [default: <project>/reports/figures].")] = None,
     explanation: Annotated[Path | None, typer.Option(help="Explanation folder (default: MODEL/explanation when present).")] = None,
 ) -> None:
     """Evaluate a trained model on held-out cells; write metrics, history and figures for DVC and MLflow."""
+    out = out or project_path(REPORTS, "metrics.json")
+    history = history or project_path(REPORTS, "history.csv")
+    figures = figures or project_path(REPORTS, "figures")
     document = evaluate(model, data, split, out, history, figures, explanation)
     shown = {k: v for k, v in document[split].items() if k in ("nll_elbo", "knn_accuracy", "silhouette", "mmd_prior")}
     shown |= {k: v for k, v in document.get("explanation", {}).items() if k == "label_transfer_accuracy"}

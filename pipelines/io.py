@@ -9,8 +9,6 @@ import contextlib
 import csv
 import gzip
 import logging
-import os
-import secrets
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from scdgm.errors import InputError, ScdgmError
+from scdgm.files import write_with
+from scdgm.models.data import validate_counts
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("h5ad", "10x-mtx", "10x-h5", "csv", "tsv")
 TEXT_SEPARATORS = {"csv": ",", "tsv": "\t"}
 TEXT_CHUNK_ENTRIES = 4_000_000  # dense cells x genes values parsed at once from CSV/TSV (~16 MB of float32)
-VALIDATION_CHUNK = 1 << 24  # stored values checked at once by validate_counts (bounded temporary memory)
 MTX_FILES = {
     "matrix": ("matrix.mtx.gz", "matrix.mtx"),
     "features": ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
@@ -233,7 +232,7 @@ READERS = {"h5ad": _read_h5ad, "10x-mtx": _read_10x_mtx, "10x-h5": _read_10x_h5}
 
 
 def read_counts(
-    path: str | Path, format: str | None = None, transpose: bool = False, allow_non_integer: bool = False
+    path: str | Path, format: str | None = None, transpose: bool = False, allow_non_integer: bool = False  # noqa: A002 - the --format option's name
 ) -> ad.AnnData:
     """Read a count matrix (any of FORMATS; detected from the path unless given) as validated AnnData.
 
@@ -262,83 +261,10 @@ def read_counts(
     return adata
 
 
-BAD_VALUE_MESSAGES = {
-    "non-finite": "{count} non-finite values (NaN or infinity) in the counts, e.g. {example}",
-    "negative": "{count} negative values in the counts, e.g. {example}",
-    "non-integer": "{count} non-integer values in the counts, e.g. {example}: expected raw counts, not normalised or "
-    "log data (pass --allow-non-integer if the data really are non-integer)",
-}
-
-
-def _example(adata: ad.AnnData, position: int, values: np.ndarray) -> str:
-    """'VALUE at cell C, gene G' for the `position`-th stored value of .X (CSR/CSC data or dense C order)."""
-    import scipy.sparse as sp
-
-    matrix = adata.X
-    if sp.issparse(matrix):  # AnnData holds sparse .X only as CSR or CSC
-        major = int(np.searchsorted(matrix.indptr, position, side="right") - 1)
-        minor = int(matrix.indices[position])
-        row, col = (major, minor) if matrix.format == "csr" else (minor, major)
-    else:
-        row, col = divmod(position, adata.n_vars)
-    return f"{values[position]} at cell {adata.obs_names[row]!r}, gene {adata.var_names[col]!r}"
-
-
-def _bad_value_masks(chunk: np.ndarray, allow_non_integer: bool) -> dict[str, np.ndarray]:
-    """Boolean masks of the values in `chunk` that cannot be counts, by problem (see BAD_VALUE_MESSAGES)."""
-    if chunk.dtype.kind != "f":
-        return {"negative": chunk < 0} if chunk.dtype.kind == "i" else {}
-    finite = np.isfinite(chunk)
-    masks = {"non-finite": ~finite, "negative": (chunk < 0) & finite}
-    if not allow_non_integer:
-        masks["non-integer"] = (np.floor(chunk) != chunk) & finite
-    return masks
-
-
-def validate_counts(adata: ad.AnnData, allow_non_integer: bool = False) -> None:
-    """Raise InputError unless .X holds a non-empty matrix of finite, non-negative (integer) counts.
-
-    Checks only the stored values of a sparse matrix, vectorised in chunks, so 1M cells x 2000 genes takes
-    about a second; the message says how many values are bad and names one cell and gene.
-    """
-    import scipy.sparse as sp
-
-    matrix = adata.X
-    if matrix is None:
-        raise InputError("the AnnData has no count matrix in .X")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"the count matrix is empty: {adata.n_obs} cells x {adata.n_vars} genes")
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).reshape(-1)
-    if values.dtype.kind not in "biuf":
-        raise InputError(f"counts must be numbers, got values of type {values.dtype}")
-    found: dict[str, list[int]] = {}  # problem -> [how many, position of the first]
-    for start in range(0, values.size, VALIDATION_CHUNK):
-        for problem, mask in _bad_value_masks(values[start : start + VALIDATION_CHUNK], allow_non_integer).items():
-            count = int(np.count_nonzero(mask))
-            tally = found.setdefault(problem, [0, -1])
-            if count and tally[1] < 0:
-                tally[1] = start + int(np.argmax(mask))
-            tally[0] += count
-    for problem, (count, position) in found.items():
-        if count:
-            example = _example(adata, position, values)
-            raise InputError(BAD_VALUE_MESSAGES[problem].format(count=count, example=example))
-
-
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
-    """Write `adata` to `path` through a temporary file in the same folder, so readers never see half a file.
-
-    Creates missing parent folders; on any failure the temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial.h5ad")
+    """Write `adata` to `path` atomically (scdgm.files): readers never see half a file, and on any failure
+    `path` is untouched. Creates missing parent folders."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            adata.write_h5ad(temporary)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    except OSError as exc:
+        return write_with(path, adata.write_h5ad)
+    except OSError as exc:  # raised by h5py while writing the temporary file
         raise ScdgmError(f"cannot write {path}: {_one_line(exc)}") from exc
-    return path

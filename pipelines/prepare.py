@@ -11,25 +11,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from scdgm.defaults import default_section
 from scdgm.errors import InputError, ScdgmError
+from scdgm.pipelines.annotate import annotate_by_markers
+from scdgm.pipelines.config import apply_overrides, load_params
+from scdgm.pipelines.io import read_counts, validate_counts, write_h5ad_atomic
 
 if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
 
 SPLITS = ("train", "validation", "test")
-DEFAULTS: dict[str, Any] = {
-    "min_genes": 200,
-    "max_genes": 2500,
-    "min_cells": 3,
-    "max_mito_fraction": 0.05,
-    "n_top_genes": 2000,
-    "label_key": None,
-    "split": {"train": 0.8, "validation": 0.1, "test": 0.1},
-    "n_pcs": 40,
-    "n_neighbors": 15,
-    "leiden_resolution": 1.2,
-}
+DEFAULTS: dict[str, Any] = default_section("prepare")
+"""The packaged params.yaml's `prepare:` section: what `prepare()` uses for every setting not given."""
 
 
 def resolve_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -133,9 +127,6 @@ def prepare(
     """
     import pandas as pd
 
-    from scdgm.pipelines.annotate import annotate_by_markers
-    from scdgm.pipelines.io import validate_counts
-
     settings = resolve_settings(params)
     label_key = label_key if label_key is not None else settings["label_key"]
     settings["label_key"] = label_key
@@ -175,10 +166,10 @@ def prepare(
 
 
 def prepare_command(
-    input: Annotated[Path, typer.Option("--input", help="Raw counts (.h5ad, 10x .h5/.mtx folder, csv/tsv...).")],
+    raw: Annotated[Path, typer.Option("--input", help="Raw counts (.h5ad, 10x .h5/.mtx folder, csv/tsv...).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the prepared .h5ad.")],
     n_top_genes: Annotated[
-        int | None, typer.Option(min=1, help="Highly variable genes to keep [params: 2000].")
+        int | None, typer.Option(min=1, help="Highly variable genes to keep [default: params.yaml prepare.n_top_genes].")
     ] = None,
     label_key: Annotated[
         str | None, typer.Option(help="obs column with cell labels; none = annotate PBMC by markers.")
@@ -198,19 +189,16 @@ def prepare_command(
     ] = None,
 ) -> None:
     """Quality-control, label, select genes and split raw counts into a ready-to-train .h5ad."""
-    from scdgm.pipelines.config import apply_overrides, load_params
-    from scdgm.pipelines.io import read_counts, write_h5ad_atomic
-
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
     config = apply_overrides(load_params(params), overrides)
     section = dict(config.get("prepare") or {})
     if n_top_genes is not None:
         section["n_top_genes"] = n_top_genes
-    adata = read_counts(input, format=format_, transpose=transpose, allow_non_integer=allow_non_integer)
+    adata = read_counts(raw, format=format_, transpose=transpose, allow_non_integer=allow_non_integer)
     seed = int(config.get("seed", 0))
     result = prepare(adata, section, label_key=label_key, seed=seed, allow_non_integer=allow_non_integer)
-    result.uns["scdgm_prepare"]["input"] = str(input)
+    result.uns["scdgm_prepare"]["input"] = str(raw)
     path = write_h5ad_atomic(result, out)
     sizes = result.obs["cell_type"].value_counts()
     typer.echo(

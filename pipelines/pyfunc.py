@@ -18,15 +18,16 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from scdgm.interpret.explainer import EXPLANATION_DIR
 from scdgm.errors import ScdgmError
-from scdgm.pipelines.tracking import RUN_RECORD
+from scdgm.formats import EXPLANATION_DIR, MODEL_DIR_ARTIFACT, RUN_RECORD
+from scdgm.interpret.explainer import Explainer
+from scdgm.models.base import GenerativeModel
+from scdgm.models.data import align_genes
 
-MODEL_DIR_ARTIFACT = "model_dir"
-"""Artifact key, and folder name inside the logged model's `artifacts/`."""
 REQUIREMENTS = (
     "torch", "mlflow", "numpy", "pandas", "scipy", "anndata", "safetensors", "scikit-learn", "statsmodels", "pyyaml",
 )
@@ -50,38 +51,24 @@ def pip_requirements() -> list[str]:
     return pinned
 
 
-def batch_key(model: Any) -> str | None:
-    """The obs column a model was trained with as batch covariate (a required input column), if any."""
-    return getattr(model.config, "batch_key", None)
-
-
 class ScdgmPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the model directory once; `predict` embeds cells, and explains them when an explanation is there."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from scdgm.models import load_model
-
         directory = Path(context.artifacts[MODEL_DIR_ARTIFACT])
+        self.explainer: Explainer | None = None
         if (directory / EXPLANATION_DIR).is_dir():
-            from scdgm.interpret.explainer import Explainer
-
             self.explainer = Explainer.load(directory)
-            self.model = self.explainer.model
+            self.model: GenerativeModel = self.explainer.model
         else:
-            self.explainer = None
-            self.model = load_model(str(directory))
+            self.model = GenerativeModel.load(directory)
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """Latent mean per cell (rows keep the input's index), plus pattern and label with an explanation."""
-        import anndata as ad
-        import scipy.sparse as sp
-
-        from scdgm.models.data import align_genes
-
         frame = pd.DataFrame(model_input)
-        key = batch_key(self.model)
+        key = self.model.batch_key
         batch = frame.pop(key).astype(str).tolist() if key is not None and key in frame else None
         genes = [str(c) for c in frame.columns]
         counts = sp.csr_matrix(frame.to_numpy(dtype=np.float32).reshape(len(frame), len(genes)))
@@ -93,32 +80,30 @@ class ScdgmPyfunc(mlflow.pyfunc.PythonModel):
             if explained.labels is not None:
                 result["label"] = explained.labels
             return result
-        obs = pd.DataFrame({key: batch}) if batch is not None else None
-        adata = ad.AnnData(X=aligned, obs=obs, var=pd.DataFrame(index=list(self.model.genes)))
-        embedding = self.model.embed(adata)
+        embedding = self.model.embed_counts(aligned, batch)
         return pd.DataFrame(embedding.mean, index=frame.index, columns=latent_columns(embedding.mean.shape[1]))
 
 
-def signature(model: Any, explanation_columns: list[str]) -> ModelSignature:
+def signature(model: GenerativeModel, explanation_columns: list[str]) -> ModelSignature:
     """Inputs: one optional integer count column per model gene (plus the batch column when the model has
     a batch covariate); outputs: the latents, then the explanation's columns."""
     inputs = [ColSpec("long", gene, required=False) for gene in model.genes]
-    if batch_key(model) is not None:
-        inputs.append(ColSpec("string", batch_key(model)))
+    if model.batch_key is not None:
+        inputs.append(ColSpec("string", model.batch_key))
     outputs = [ColSpec("double", name) for name in latent_columns(model.n_latent)]
     outputs += [ColSpec("string", name) for name in explanation_columns]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
-def input_example(model: Any) -> pd.DataFrame:
+def input_example(model: GenerativeModel) -> pd.DataFrame:
     """A few cells with one count each, over the model's genes (and its first batch): the input layout."""
     genes = list(model.genes)
     values = np.zeros((INPUT_EXAMPLE_CELLS, len(genes)), dtype=np.int64)
     for row in range(INPUT_EXAMPLE_CELLS):
         values[row, row % max(len(genes), 1)] = 1
     example = pd.DataFrame(values, columns=genes)
-    if batch_key(model) is not None:
-        example[batch_key(model)] = model.batch_categories[0]
+    if model.batch_key is not None:
+        example[model.batch_key] = model.batch_categories[0]
     return example
 
 
@@ -133,21 +118,17 @@ def explanation_folder(model_dir: Path, explanation: str | Path | None = None) -
 def log_pyfunc(model_dir: str | Path, name: str = "model", explanation: str | Path | None = None) -> str:
     """Log `model_dir` (with `explanation` attached as its explanation/, when given) as a pyfunc model of the
     active run, copied as `artifacts/model_dir/`; returns the logged model's URI (`models:/<model id>`)."""
-    from scdgm.models import load_model
-
     model_dir = Path(model_dir)
     attached = explanation_folder(model_dir, explanation)
     with tempfile.TemporaryDirectory(prefix="scdgm-pyfunc-") as staging:
         staged = Path(staging) / MODEL_DIR_ARTIFACT
         shutil.copytree(model_dir, staged, ignore=shutil.ignore_patterns(RUN_RECORD, EXPLANATION_DIR))
         if attached is not None:
-            from scdgm.interpret.explainer import Explainer
-
             shutil.copytree(attached, staged / EXPLANATION_DIR)
             explainer = Explainer.load(staged)
             model, columns = explainer.model, ["pattern"] + (["label"] if explainer.label_key else [])
         else:
-            model, columns = load_model(str(staged)), []
+            model, columns = GenerativeModel.load(staged), []
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=ScdgmPyfunc(),

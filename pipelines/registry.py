@@ -8,15 +8,17 @@ the folder given by --explanation) attached, as a new pyfunc of the run that tra
 """
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from scdgm.pipelines import tracking
 from scdgm.errors import ScdgmError
+from scdgm.files import write_json_atomic
+from scdgm.pipelines import tracking
+from scdgm.pipelines.config import load_params
 
 
 @dataclass
@@ -100,21 +102,23 @@ def register(
 
 
 def register_command(
-    name: Annotated[str, typer.Option(help="Registered model name, e.g. pbmc3k-ldvae.")],
+    name: Annotated[str | None, typer.Option(help="Registered model name, e.g. pbmc3k-ldvae (default: params.yaml register.name).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Register this run's logged model.")] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Model directory trained with tracking (logged afresh, explanation included).")] = None,
     explanation: Annotated[Path | None, typer.Option(help="Explanation folder to attach (default: MODEL/explanation when present).")] = None,
-    alias: Annotated[str, typer.Option(help="Alias moved to the new version.")] = "champion",
+    alias: Annotated[str | None, typer.Option(help="Alias moved to the new version (default: params.yaml register.alias).")] = None,
     artifact: Annotated[str, typer.Option(help="Name of the logged model in the run (sweeps of several models: model-<kind>).")] = tracking.MODEL_ARTIFACT,
     out: Annotated[Path | None, typer.Option(help="Also write the registration as JSON here.")] = None,
 ) -> None:
-    """Register a run's model in the MLflow Model Registry and point an alias (default: champion) at it."""
-    import logging
-
+    """Register a run's model in the MLflow Model Registry and point an alias (e.g. champion) at it."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    section = load_params().get("register") or {}
+    name, alias = name or section.get("name"), alias or section.get("alias")
+    if not name or not alias:
+        raise ScdgmError("no model name or alias: pass --name and --alias, or set register.name and register.alias")
     registration = register(name, alias, run_id=run_id, model_dir=model, artifact=artifact, explanation=explanation)
     if out is not None:
-        tracking.write_text_atomic(out, json.dumps(asdict(registration), indent=2) + "\n")
+        write_json_atomic(out, asdict(registration))
     typer.echo(
         f"registered {registration.source} as {registration.name} version {registration.version}; "
         f"{registration.model_uri} -> version {registration.version}"

@@ -1,5 +1,5 @@
 """`scdgm report`: the short summary printed at the end of `make demo`: test metrics, the sweep's comparison
-table, the figures in reports/, the registered model, and how to open the MLflow UI and Optuna's dashboard
+table, the figures in the project's reports/, the registered model, and how to open the MLflow UI and Optuna's dashboard
 and how to start serving. It only reads files, so it is instant."""
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
+from scdgm.errors import ScdgmError
+from scdgm.formats import METRICS_FILE
 from scdgm.pipelines import tracking
 from scdgm.pipelines.config import load_params
-from scdgm.errors import ScdgmError
-from scdgm.pipelines.tune import default_storage
+from scdgm.project import REPORTS, optuna_storage, project_path
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 
@@ -52,7 +53,7 @@ def _display(path: Path) -> str:
 def build_report(reports: Path, params: dict[str, Any]) -> str:
     """The report text for the outputs under `reports`."""
     lines = [f"scdgm report ({_display(reports)})", ""]
-    metrics = _read_json(reports / "metrics.json")
+    metrics = _read_json(reports / METRICS_FILE)
     if metrics:
         lines += ["Test metrics:", *_format_metrics(metrics), ""]
     comparison = reports / "tune" / "comparison.md"
@@ -66,7 +67,7 @@ def build_report(reports: Path, params: dict[str, Any]) -> str:
         lines += ["MLflow UI:", f"  open {uri}"]
     else:
         lines += ["MLflow UI:", f"  mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"]
-    storage = (params.get("tune") or {}).get("storage") or default_storage()
+    storage = (params.get("tune") or {}).get("storage") or optuna_storage()
     lines += ["Optuna dashboard:", f"  optuna-dashboard {storage} --port 8080   # then open http://127.0.0.1:8080"]
     registered = _read_json(reports / "registered.json")
     if registered:
@@ -77,15 +78,18 @@ def build_report(reports: Path, params: dict[str, Any]) -> str:
             f"  scdgm serve --model-uri {registered['model_uri']}",
         ]
     else:
-        lines += ["Serve a registered model:", "  scdgm serve --model-uri models:/pbmc3k-ldvae@champion"]
+        register = params.get("register") or {}
+        uri = f"models:/{register.get('name') or 'NAME'}@{register.get('alias') or 'champion'}"
+        lines += ["Serve a registered model:", f"  scdgm serve --model-uri {uri}"]
     return "\n".join(lines)
 
 
 def report_command(
-    reports: Annotated[Path, typer.Option(help="Folder the pipeline wrote its reports to.")] = Path("reports"),
+    reports: Annotated[Path | None, typer.Option(help="Folder the pipeline wrote its reports to [default: <project>/reports].")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
 ) -> None:
     """Summarise the pipeline's results: metrics, comparison table, figures, dashboards and serving."""
+    reports = reports or project_path(REPORTS)
     if not reports.is_dir():
         raise ScdgmError(f"{reports}: no reports yet; run `dvc repro` (or `make demo`) first")
     typer.echo(build_report(reports, load_params(params)))

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvicorn
+
+from scdgm.serving import ray_deployment
+from scdgm.serving.app import create_app
+from scdgm.serving.resolve import resolve_model
+from scdgm.serving.service import ModelService
+from scdgm.serving.settings import SETTINGS_ENV, ServeSettings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -31,8 +38,6 @@ def serve_command(
     access_log: Annotated[bool, typer.Option(help="JSON-lines access log on stderr.")] = True,
 ) -> None:
     """Serve latent embeddings and log-linear explanations of new cells over HTTP (docs at /docs)."""
-    from scdgm.serving.settings import SETTINGS_ENV, ServeSettings
-
     settings = ServeSettings(
         model_uri=model_uri, host=host, port=port, workers=workers,
         token_file=str(token_file.resolve()) if token_file else None,
@@ -41,28 +46,18 @@ def serve_command(
         allow_non_integer=allow_non_integer, cors_origins=tuple(cors_origin or ()),
         torch_threads=torch_threads, access_log=access_log,
     ).validate()
-    from scdgm.serving.resolve import resolve_model
-
-    resolve_model(settings.model_uri)  # a bad URI fails here fast, before torch is imported; fills the cache
+    resolve_model(settings.model_uri)  # a bad URI fails here, before the model loads; fills the cache
     if host not in LOOPBACK and token_file is None:
         typer.echo(f"warning: listening on {host} without --token-file: anyone who reaches it can use the model", err=True)
-    from scdgm.serving.service import ModelService
-
     service = ModelService.load(settings)  # loading errors are one line too, before anything listens
     if ray:
-        from scdgm.serving import ray_deployment
-
         del service  # each replica loads its own copy
         typer.echo(f"scdgm: Ray Serve with {replicas} replica(s) on http://{host}:{port} (Ctrl-C stops)", err=True)
         ray_deployment.serve_forever(settings)
         return
 
-    import uvicorn
-
     options = {"host": host, "port": port, "access_log": False, "log_level": "info", "timeout_graceful_shutdown": 10}
     if workers == 1:
-        from scdgm.serving.app import create_app
-
         uvicorn.run(create_app(settings, service), **options)
         return
     del service  # each worker process loads its own copy

@@ -7,7 +7,7 @@ Both are seeded, vectorised and built in chunks of cells, so a million cells fit
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,6 +15,7 @@ import numpy as np
 import typer
 
 from scdgm.errors import InputError
+from scdgm.pipelines.io import write_h5ad_atomic
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -25,7 +26,7 @@ CHUNK_ENTRIES = 4_000_000  # dense cells x genes entries drawn at once (~32 MB o
 STATE_FRACTION = 0.3  # share of cells, of every type, in which each cell-state program is on
 
 
-class SimulationKind(str, Enum):
+class SimulationKind(StrEnum):
     """The simulators the CLI offers."""
 
     programs = "programs"
@@ -250,8 +251,6 @@ def simulate_command(
     n_signal_per_latent: Annotated[int, typer.Option(min=0, help="binary: signal genes per latent.")] = 5,
 ) -> None:
     """Simulate counts with known ground truth and write them as .h5ad."""
-    from scdgm.pipelines.io import write_h5ad_atomic
-
     if kind is SimulationKind.programs:
         adata = simulate_programs(
             n_cells, n_genes, n_types=n_types, n_programs=n_programs, genes_per_program=genes_per_program,

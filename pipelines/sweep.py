@@ -34,9 +34,12 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
-from scdgm.pipelines import tracking
+from scdgm.defaults import default_section
 from scdgm.errors import ScdgmError
-from scdgm.pipelines.tune import SweepSettings
+from scdgm.files import write_json_atomic, write_text_atomic
+from scdgm.pipelines import tracking
+from scdgm.pipelines.train import save_model_dir, train_model
+from scdgm.project import RAY_RESULTS, REPORTS, optuna_storage, project_path
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -44,6 +47,53 @@ if TYPE_CHECKING:
 
 SWEEP_RECORD = "sweep.json"
 """File in the sweep's Ray folder naming its parent MLflow run, so --resume continues the same run."""
+
+
+@dataclass
+class SweepSettings:
+    """Everything a sweep needs, with absolute paths (trials run in other working directories). The defaults
+    are the packaged params.yaml's `tune:` section, state in the project folder."""
+
+    models: list[str]
+    data: str
+    name: str
+    num_samples: int = 8
+    max_concurrent: int = 2
+    max_epochs: int = 15
+    metric: str = "validation_loss"
+    grace_period: int = 3
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    storage: str = field(default_factory=optuna_storage)
+    results_dir: str = field(default_factory=lambda: str(project_path(RAY_RESULTS)))
+    out: str = field(default_factory=lambda: str(project_path(REPORTS, "tune")))
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    seed: int = 0
+    spaces: dict[str, dict[str, Any]] = field(default_factory=lambda: default_section("tune", "spaces"))
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    address: str | None = None
+    num_cpus: int | None = None
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Ray's folder of this sweep (one experiment sub-folder per model)."""
+        return Path(self.results_dir) / self.name
+
+    def study_name(self, kind: str) -> str:
+        """The Optuna study of model `kind`: the sweep name (suffixed by the model when several are tuned)."""
+        return self.name if len(self.models) == 1 else f"{self.name}-{kind}"
+
+    def model_artifact(self, kind: str) -> str:
+        """Name of model `kind`'s refitted pyfunc on the sweep run (`model` when one model is tuned)."""
+        return tracking.MODEL_ARTIFACT if len(self.models) == 1 else f"{tracking.MODEL_ARTIFACT}-{kind}"
+
+    def fixed_params(self, kind: str) -> dict[str, Any]:
+        """Hyperparameters every trial of `kind` shares: the train section's, the sweep's epoch budget, no
+        progress bar."""
+        return {**self.model_params.get(kind, {}), "max_epochs": self.max_epochs, "progress": False}
+
 
 
 def redact_url(url: str) -> str:
@@ -134,8 +184,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     `scdgm.pruned`), or FAILED when training raises (e.g. TrainingDiverged), which also fails the trial."""
     import anndata as ad
     import torch
-
-    from scdgm.pipelines.train import train_model
 
     torch.set_num_threads(max(1, setup.threads))
     trial_id = tune.get_context().get_trial_id()
@@ -481,8 +529,6 @@ def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> list[Path]:
 def _refit(settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, parent_run_id: str) -> None:
     """Train the best configuration again (its seed included, so the best trial is reproduced), save it
     under --out/models/<kind> and log it as the sweep run's pyfunc model."""
-    from scdgm.pipelines.train import save_model_dir, train_model
-
     kind = outcome.kind
     model, metrics = train_model(kind, adata, {**settings.fixed_params(kind), **outcome.best_config})
     model_dir = Path(settings.out) / "models" / kind
@@ -542,10 +588,10 @@ def _write_outputs(settings: SweepSettings, outcome: SweepOutcome) -> list[Path]
     }
     summary = comparison_table(outcome.models, settings.metric)
     return [
-        tracking.write_text_atomic(out / "best.json", json.dumps(best, indent=2) + "\n"),
-        tracking.write_text_atomic(out / "best_params.yaml", best_params_document(settings, outcome)),
-        tracking.write_text_atomic(out / "comparison.csv", comparison_table(outcome.models, settings.metric, True).to_csv()),
-        tracking.write_text_atomic(out / "comparison.md", summary.to_markdown(floatfmt=".4g") + "\n"),
+        write_json_atomic(out / "best.json", best),
+        write_text_atomic(out / "best_params.yaml", best_params_document(settings, outcome)),
+        write_text_atomic(out / "comparison.csv", comparison_table(outcome.models, settings.metric, True).to_csv()),
+        write_text_atomic(out / "comparison.md", summary.to_markdown(floatfmt=".4g") + "\n"),
     ]
 
 
@@ -564,13 +610,13 @@ def _open_parent(settings: SweepSettings, uri: str, resume: bool, lineage: track
         tracking.TAG_KIND: ",".join(settings.models),
         "optuna.storage": redact_url(settings.storage),
         "optuna.studies": ",".join(settings.study_name(k) for k in settings.models),
-        **tracking.git_tags(),
+        **tracking.lineage_tags(),
     }
     run_id = tracking.start_run(mlflow_client, settings.experiment, f"sweep-{settings.name}", tags)
     logged = {k: v for k, v in asdict(settings).items() if k != "storage"}
     tracking.log_params(mlflow_client, run_id, {"tune": logged})
     tracking.log_lineage(mlflow_client, run_id, lineage)
-    tracking.write_text_atomic(record, json.dumps({"parent_run_id": run_id, "tracking_uri": uri}) + "\n")
+    write_json_atomic(record, {"parent_run_id": run_id, "tracking_uri": uri})
     return run_id
 
 
@@ -607,7 +653,7 @@ def _tune_models(
             parent_run_id=parent_run_id,
             sweep=settings.name,
             lineage=lineage,
-            tags=tracking.git_tags(),
+            tags=tracking.lineage_tags(),
             threads=max(1, int(settings.cpus_per_trial)),
         )
         outcomes[kind] = _tune_model(settings, kind, setup, resume)

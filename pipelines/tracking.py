@@ -22,9 +22,15 @@ from urllib.parse import urlparse
 
 import yaml
 
-from scdgm.pipelines.config import flatten
-from scdgm.project import project_dir
+import scdgm
 from scdgm.errors import ScdgmError
+from scdgm.files import write_json_atomic
+from scdgm.formats import RUN_RECORD, WEIGHTS_FILE
+from scdgm.pipelines import pyfunc
+from scdgm.pipelines.config import flatten
+from scdgm.project import MLFLOW_ARTIFACTS, project_dir, project_path
+from scdgm.stores import client, tracking_uri
+from scdgm.stores import ensure_reachable as ensure_reachable  # re-exported: the jobs check the store through here
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -32,11 +38,9 @@ if TYPE_CHECKING:
     from scdgm.models.base import EpochCallback
 
 DEFAULT_EXPERIMENT = "scdgm"
-RUN_RECORD = "mlflow_run.json"
-"""File in a model directory naming the MLflow run (and store) that produced it."""
 MODEL_ARTIFACT = "model"
 """Name of the logged pyfunc model in a run: `runs:/<run id>/model`."""
-SKIPPED_MODEL_FILES = {"weights.safetensors", RUN_RECORD}
+SKIPPED_MODEL_FILES = {WEIGHTS_FILE, RUN_RECORD}
 """Files of a model directory not logged as plain run artifacts (the weights travel inside the pyfunc model)."""
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EPOCH_METRIC_PREFIXES = ("train_", "validation_")
@@ -47,22 +51,11 @@ SERVER_SCHEMES = ("http", "https", "databricks")
 TAG_KIND = "scdgm.model_kind"
 TAG_COMMIT = "mlflow.source.git.commit"
 TAG_DIRTY = "scdgm.git_dirty"
+TAG_VERSION = "scdgm.version"
 TAG_ROLE = "scdgm.role"
 TAG_SWEEP = "scdgm.sweep"
 TAG_TRIAL = "ray.trial_id"
 TAG_PRUNED = "scdgm.pruned"
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set (relative SQLite paths made absolute), else `sqlite:///<project>/mlflow.db`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if not uri:
-        return f"sqlite:///{project_dir() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:  # a plain folder: MLflow's file store, refused by MLflow 3 unless explicitly allowed
-        return str(Path(uri).resolve())
-    return uri
 
 
 def experiment_name(params: dict[str, Any] | None = None) -> str:
@@ -78,19 +71,8 @@ def artifact_location(uri: str) -> str | None:
     if scheme in SERVER_SCHEMES:
         return None
     if scheme == "sqlite":
-        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
-    return str(project_dir() / "mlartifacts")
-
-
-def client(uri: str | None = None) -> MlflowClient:
-    """An MlflowClient on `uri` (the resolved tracking URI by default); also sets the fluent API's URI."""
-    import mlflow
-
-    uri = uri or tracking_uri()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter (database set-up, downloads)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+        return str(Path(uri[len("sqlite:///"):]).parent / MLFLOW_ARTIFACTS)
+    return str(project_path(MLFLOW_ARTIFACTS))
 
 
 def experiment_id(name: str, uri: str | None = None) -> str:
@@ -111,19 +93,23 @@ def experiment_id(name: str, uri: str | None = None) -> str:
         return experiment.experiment_id
 
 
-def git_tags() -> dict[str, str]:
-    """The project's git commit and whether the working tree differs from it (empty outside git)."""
+def lineage_tags() -> dict[str, str]:
+    """The scdgm version, and the user's project commit with whether its working tree differs from it (when
+    the project is in a git repository; git runs in the project folder, never in scdgm's own)."""
+    tags = {TAG_VERSION: scdgm.__version__}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # no inherited GIT_DIR
+
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=project_dir(), capture_output=True, text=True, timeout=10, check=True
+            ["git", *args], cwd=project_dir(), env=environment, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
 
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = git("rev-parse", "--verify", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower()}
+        return tags
+    return {**tags, TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower()}
 
 
 @dataclass
@@ -139,19 +125,6 @@ class DataLineage:
     def params(self) -> dict[str, Any]:
         """The lineage as run parameters (`data.*`)."""
         return {f"data.{k}": v for k, v in asdict(self).items()}
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
 
 
 def _file_md5(path: Path) -> str:
@@ -272,7 +245,7 @@ class RunRecord:
 
     def write(self, model_dir: str | Path) -> None:
         """Write the record into `model_dir` atomically."""
-        write_text_atomic(Path(model_dir) / RUN_RECORD, json.dumps(asdict(self), indent=2) + "\n")
+        write_json_atomic(Path(model_dir) / RUN_RECORD, asdict(self))
 
     @staticmethod
     def read(model_dir: str | Path) -> RunRecord:
@@ -293,14 +266,12 @@ def log_pyfunc_model(
     `models:/<model id>` URI."""
     import mlflow
 
-    from scdgm.pipelines.pyfunc import log_pyfunc
-
     pyfunc_logger = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_logger.level
     pyfunc_logger.setLevel(logging.ERROR)  # silences the cloudpickle notice: our class is pickled by reference
     try:
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            return log_pyfunc(model_dir, name, explanation)
+            return pyfunc.log_pyfunc(model_dir, name, explanation)
     finally:
         pyfunc_logger.setLevel(level)
 
@@ -368,7 +339,7 @@ def training_run(
     is closed FINISHED when the block succeeds and FAILED (then re-raised) when it raises: never left RUNNING."""
     uri = uri or tracking_uri()
     mlflow_client = client(uri)
-    all_tags = {TAG_KIND: kind, TAG_ROLE: "train", **git_tags(), **(tags or {})}
+    all_tags = {TAG_KIND: kind, TAG_ROLE: "train", **lineage_tags(), **(tags or {})}
     run_id = start_run(mlflow_client, experiment, run_name, all_tags, parent_run_id)
     try:
         log_params(mlflow_client, run_id, {"model": kind, **config})
@@ -386,16 +357,3 @@ def close_open_runs(mlflow_client: MlflowClient, run_ids: list[str], status: str
     for run_id in run_ids:
         if mlflow_client.get_run(run_id).info.status not in TERMINAL_STATUSES:
             mlflow_client.set_terminated(run_id, status)
-
-
-def ensure_reachable(uri: str) -> None:
-    """Fail early with one line when a tracking server named by MLFLOW_TRACKING_URI does not answer."""
-    if urlparse(uri).scheme not in ("http", "https"):
-        return
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
-            return
-    except OSError as exc:
-        raise ScdgmError(f"MLflow tracking server {uri} is not reachable ({exc.__class__.__name__})") from None

@@ -7,31 +7,31 @@ directory is written whole or not at all (built in a hidden sibling folder, then
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import secrets
-import shutil
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from scdgm.errors import InputError, ScdgmError
+from scdgm.files import atomic_path, write_json_atomic
+from scdgm.formats import METRICS_FILE, is_model_directory
+from scdgm.models import MODEL_KINDS, create_model, load_model, model_class
+from scdgm.models.base import EpochCallback, GenerativeModel
+from scdgm.models.data import split_mask
+from scdgm.pipelines import tracking
+from scdgm.pipelines.config import apply_overrides, load_params
+from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 
 if TYPE_CHECKING:
     import anndata as ad
 
-    from scdgm.models.base import EpochCallback, GenerativeModel
-
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 
-
-class SampleSource(str, Enum):
+class SampleSource(StrEnum):
     """Where `scdgm sample` draws latents from."""
 
     posterior = "posterior"
@@ -42,9 +42,6 @@ def model_params(kind: str, config: dict[str, Any], overrides: Sequence[str] | N
     """Hyperparameters of model `kind`: the top-level seed, `train.common` (keys this model has), `train.<kind>`,
     then `key=value` overrides. A common key no model knows, or a model key or override this model lacks, is an
     error naming the valid keys."""
-    from scdgm.models import MODEL_KINDS, model_class
-    from scdgm.pipelines.config import apply_overrides
-
     section = config.get("train") or {}
     known = {f.name for f in dataclasses.fields(model_class(kind).Config)}
     common = dict(section.get("common") or {})
@@ -66,9 +63,6 @@ def train_model(
 ) -> tuple[GenerativeModel, dict[str, float]]:
     """Fit a `kind` model with hyperparameters `params` on `adata` (obs['split'] train/validation, all cells
     without it) and evaluate it on the test split (all cells when there is none); returns (model, metrics)."""
-    from scdgm.models import create_model
-    from scdgm.models.data import split_mask
-
     model = create_model(kind, params)
     history = model.fit(adata, callbacks)
     split = "test" if split_mask(adata, "test").any() else None
@@ -90,7 +84,7 @@ def train_model(
 
 def check_model_dir_target(out: Path) -> None:
     """`out` may be written: absent, an empty folder, or an earlier model directory (which gets replaced)."""
-    if out.exists() and not (out / "config.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not is_model_directory(out) and (not out.is_dir() or any(out.iterdir())):
         raise ScdgmError(f"{out} exists and is not a model directory; not overwriting it")
 
 
@@ -99,30 +93,13 @@ def save_model_dir(model: GenerativeModel, metrics: dict[str, float], out: str |
     failure leaves no `out` (and an earlier model there untouched). Only a model directory is replaced."""
     out = Path(out)
     check_model_dir_target(out)
-    staging = out.with_name(f".{out.name}.{secrets.token_hex(6)}.partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
+    with atomic_path(out, directory=True) as staging:
         model.save(staging)
-        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            retired = staging.with_suffix(".old")
-            os.rename(out, retired)
-            os.rename(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, out)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise ScdgmError(f"cannot write {out}: {exc.strerror or exc}") from exc
-        raise
+        write_json_atomic(staging / METRICS_FILE, metrics)
     return out
 
 
 def _load(model: Path) -> GenerativeModel:
-    from scdgm.models import load_model
-
     if not model.is_dir():
         raise InputError(f"model directory not found: {model}")
     return load_model(str(model))
@@ -138,10 +115,6 @@ def train_command(
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
 ) -> None:
     """Train a model on prepared cells, evaluate it on the test split and save it with its metrics."""
-    from scdgm.pipelines import tracking
-    from scdgm.pipelines.config import load_params
-    from scdgm.pipelines.io import read_counts
-
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
     config = load_params(params)
@@ -163,8 +136,6 @@ def embed_command(
     out: Annotated[Path, typer.Option("--out", help="Where to write the cells with obsm['X_scdgm'] (.h5ad).")],
 ) -> None:
     """Embed cells: latent means in obsm['X_scdgm'], their variances in obsm['X_scdgm_var']."""
-    from scdgm.pipelines.io import read_counts, write_h5ad_atomic
-
     fitted = _load(model)
     adata = read_counts(data)
     embedding = fitted.embed(adata)
@@ -186,8 +157,6 @@ def sample_command(
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the model's).")] = None,
 ) -> None:
     """Draw synthetic cells from a trained model (counts in .X, latents in obsm['X_scdgm'])."""
-    from scdgm.pipelines.io import read_counts, write_h5ad_atomic
-
     if source is SampleSource.posterior and data is None:
         raise InputError("posterior sampling needs the cells to draw for: pass --data")
     if source is SampleSource.prior and n is None and data is None:

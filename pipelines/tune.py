@@ -1,28 +1,29 @@
 """`scdgm tune`: sweep settings from params.yaml (`tune:`) and the command line, search-space validation, and
-the command that runs the sweep (the Ray/Optuna machinery lives in pipelines.sweep, imported on use).
+the command that runs the sweep (the Ray/Optuna machinery and SweepSettings live in pipelines.sweep).
+
+Paths in params.yaml (`data.prepared`, `tune.out`, `tune.results_dir`) are taken from the project folder;
+paths given on the command line from the working directory, as the shell does.
 
 A search space (`tune.spaces.<model>`) maps each hyperparameter to `[loguniform|uniform|int|logint, low,
 high]`, `[choice, v1, v2, ...]` or a fixed value.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from scdgm.errors import ScdgmError
+from scdgm.models import MODEL_KINDS, model_class
 from scdgm.pipelines import tracking
 from scdgm.pipelines.config import apply_overrides, load_params
+from scdgm.pipelines.sweep import SweepInterrupted, SweepSettings, comparison_table, run_sweep
+from scdgm.pipelines.train import model_params
 from scdgm.project import project_path
-from scdgm.errors import ScdgmError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
-
-
-def default_storage() -> str:
-    """The Optuna storage used without --storage: SQLite at an absolute path inside the project."""
-    return f"sqlite:///{project_path('optuna.db')}"
 
 
 def check_space(kind: str, space: Any) -> dict[str, Any]:
@@ -48,62 +49,20 @@ def check_space(kind: str, space: Any) -> dict[str, Any]:
     return space
 
 
-@dataclass
-class SweepSettings:
-    """Everything a sweep needs, with absolute paths (trials run in other working directories)."""
-
-    models: list[str]
-    data: str
-    name: str
-    num_samples: int = 8
-    max_concurrent: int = 2
-    max_epochs: int = 15
-    metric: str = "validation_loss"
-    grace_period: int = 2
-    reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    storage: str = field(default_factory=default_storage)
-    results_dir: str = field(default_factory=lambda: str(project_path("ray_results")))
-    out: str = field(default_factory=lambda: str(project_path("reports", "tune")))
-    experiment: str = tracking.DEFAULT_EXPERIMENT
-    seed: int = 0
-    spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
-    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
-    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    address: str | None = None
-    num_cpus: int | None = None
-
-    @property
-    def sweep_dir(self) -> Path:
-        """Ray's folder of this sweep (one experiment sub-folder per model)."""
-        return Path(self.results_dir) / self.name
-
-    def study_name(self, kind: str) -> str:
-        """The Optuna study of model `kind`: the sweep name (suffixed by the model when several are tuned)."""
-        return self.name if len(self.models) == 1 else f"{self.name}-{kind}"
-
-    def model_artifact(self, kind: str) -> str:
-        """Name of model `kind`'s refitted pyfunc on the sweep run (`model` when one model is tuned)."""
-        return tracking.MODEL_ARTIFACT if len(self.models) == 1 else f"{tracking.MODEL_ARTIFACT}-{kind}"
-
-    def fixed_params(self, kind: str) -> dict[str, Any]:
-        """Hyperparameters every trial of `kind` shares: the train section's, the sweep's epoch budget, no
-        progress bar."""
-        return {**self.model_params.get(kind, {}), "max_epochs": self.max_epochs, "progress": False}
+def _in_project(path: str | Path) -> str:
+    """A path from params.yaml, absolute: relative ones are taken from the project folder."""
+    return str(project_path(path).resolve())
 
 
-def _absolute(path: str | Path) -> str:
-    path = Path(path)
-    return str(path if path.is_absolute() else (Path.cwd() / path).resolve())
+def _from_cwd(path: str | Path | None) -> str | None:
+    """A path from the command line, absolute: relative ones are taken from the working directory."""
+    return None if path is None or str(path) == "" else str(Path(path).resolve())
 
 
 def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSettings:
-    """Merge params.yaml's `tune:` section with command-line options (options win; None means not given).
-    Hyperparameters not searched come from the train section, as `scdgm train` reads them."""
-    from scdgm.models import MODEL_KINDS, model_class
-    from scdgm.pipelines.train import model_params
-
+    """Merge params.yaml's `tune:` section with command-line options (options win; None means not given;
+    relative paths, from either, are taken from the project folder: the command resolves its own options
+    first). Hyperparameters not searched come from the train section, as `scdgm train` reads them."""
     section = dict(params.get("tune") or {})
     section.update({k: v for k, v in options.items() if v is not None and v != ""})
     models = section.pop("models", None)
@@ -125,14 +84,14 @@ def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSetting
         raise ScdgmError(f"tune: unknown setting(s) {', '.join(unknown_keys)}; valid: {', '.join(sorted(known))}")
     for key in ("results_dir", "out"):
         if section.get(key):
-            section[key] = _absolute(section[key])
+            section[key] = _in_project(section[key])
     if not section.get("storage"):
         section.pop("storage", None)
     section.setdefault("seed", params.get("seed", 0))
     section.setdefault("experiment", tracking.experiment_name(params))
     settings = SweepSettings(
         models=list(models),
-        data=_absolute(data),
+        data=_in_project(data),
         name=str(name),
         model_params={kind: model_params(kind, params) for kind in models},
         **section,
@@ -166,16 +125,14 @@ def tune_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted sweep of this name.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start an existing sweep of this name over.")] = False,
     name: Annotated[str | None, typer.Option(help="Sweep name = Optuna study = Ray experiment folder (default: <dataset>-<models>).")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<repo>/optuna.db).")] = None,
-    out: Annotated[str | None, typer.Option(help="Folder for best.json, best_params.yaml, comparison table, plots and refitted models.")] = None,
-    results_dir: Annotated[str | None, typer.Option(help="Ray's results folder; shared storage on a multi-machine cluster.")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<project>/optuna.db).")] = None,
+    out: Annotated[str | None, typer.Option(help="Folder for best.json, best_params.yaml, comparison table, plots and refitted models (default: <project>/reports/tune).")] = None,
+    results_dir: Annotated[str | None, typer.Option(help="Ray's results folder; shared storage on a multi-machine cluster (default: <project>/ray_results).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (params.yaml: tracking.experiment).")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set tune.grace_period=3.")] = None,
 ) -> None:
     """Tune hyperparameters: Optuna TPE proposes, Ray Tune runs trials, ASHA prunes; each trial is an MLflow run."""
-    from scdgm.pipelines.sweep import SweepInterrupted, comparison_table, run_sweep
-
     if resume and overwrite:
         raise ScdgmError("--resume and --overwrite exclude each other")
     if params is not None and not params.is_file():
@@ -183,7 +140,7 @@ def tune_command(
     settings = settings_from_params(
         apply_overrides(load_params(params), overrides),
         models=model,
-        data=data,
+        data=_from_cwd(data),
         num_samples=num_samples,
         max_concurrent=max_concurrent,
         max_epochs=max_epochs,
@@ -193,8 +150,8 @@ def tune_command(
         num_cpus=num_cpus,
         name=name,
         storage=storage,
-        out=out,
-        results_dir=results_dir,
+        out=_from_cwd(out),
+        results_dir=_from_cwd(results_dir),
         experiment=experiment,
     )
     try:

@@ -10,6 +10,15 @@ from scdgm.errors import ScdgmError
 
 PROJECT_ENV = "SCDGM_PROJECT"
 
+# The state a project accumulates, by name inside the project folder (`scdgm init` ignores them in git).
+MLFLOW_DB = "mlflow.db"  # MLflow's SQLite store, unless MLFLOW_TRACKING_URI names another
+MLFLOW_ARTIFACTS = "mlartifacts"  # the runs' artifacts next to it
+OPTUNA_DB = "optuna.db"  # Optuna's studies, unless tune.storage names another
+RAY_RESULTS = "ray_results"  # Ray Tune's trial folders
+REPORTS = "reports"  # tune's outputs, evaluation metrics, history and figures, the registration
+ARTIFACTS = "artifacts"  # model directories of the pipeline
+STATE = (MLFLOW_DB, MLFLOW_ARTIFACTS, OPTUNA_DB, RAY_RESULTS, REPORTS, ARTIFACTS)
+
 
 def project_dir() -> Path:
     """The current project folder as an absolute path ($SCDGM_PROJECT or the working directory)."""
@@ -29,6 +38,12 @@ def use_project(path: str | Path) -> Path:
     return resolved
 
 
-def project_path(*parts: str) -> Path:
-    """An absolute path inside the project folder (trials run elsewhere, so paths handed on must be absolute)."""
+def project_path(*parts: str | Path) -> Path:
+    """An absolute path inside the project folder (trials run elsewhere, so paths handed on must be absolute);
+    an absolute part stays as it is."""
     return project_dir().joinpath(*parts)
+
+
+def optuna_storage() -> str:
+    """The Optuna storage used when none is configured: SQLite at an absolute path inside the project."""
+    return f"sqlite:///{project_path(OPTUNA_DB)}"

@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+import anndata as ad
 import numpy as np
 import orjson
+import pandas as pd
 import scipy.sparse as sp
 
-from scdgm.models.data import align_genes, count_matrix
 from scdgm.errors import InputError, ScdgmError
-from scdgm.pipelines.io import validate_counts
+from scdgm.models.data import align_genes, layer_matrix, validate_counts
 
 DENSE_FIELDS = frozenset({"genes", "counts", "cells"})
 SPARSE_FIELDS = frozenset({"genes", "shape", "indices", "indptr", "data", "cells"})
@@ -83,8 +84,6 @@ def cells_from_json(body: bytes, expected: Sequence[str], limits: InputLimits) -
 
 def cells_from_h5ad(file: IO[bytes], expected: Sequence[str], limits: InputLimits) -> CellBatch:
     """Read an uploaded .h5ad (counts from layers['counts'] when present, else .X) into a validated batch."""
-    import anndata as ad
-
     try:
         adata = ad.read_h5ad(file)
     except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for a corrupt upload
@@ -93,7 +92,8 @@ def cells_from_h5ad(file: IO[bytes], expected: Sequence[str], limits: InputLimit
     if adata.n_vars == 0:
         raise InputError("file: the AnnData has no genes")
     cells = [str(c) for c in adata.obs_names]
-    return _checked_batch(count_matrix(adata), [str(g) for g in adata.var_names], cells, expected, limits)
+    matrix = sp.csr_matrix(layer_matrix(adata, "counts" if "counts" in adata.layers else None), dtype=np.float32)
+    return _checked_batch(matrix, [str(g) for g in adata.var_names], cells, expected, limits)
 
 
 # --- fields -------------------------------------------------------------------------------------------------
@@ -237,11 +237,8 @@ def _checked_batch(
     matrix: sp.csr_matrix, genes: list[str], cells: list[str] | None, expected: Sequence[str], limits: InputLimits
 ) -> CellBatch:
     """Check the values of a float32 CSR matrix and align its columns to the model's genes. Clean values pass a
-    few vectorised checks; anything else goes through pipelines.io.validate_counts, whose message names a cell
+    few vectorised checks; anything else goes through models.data.validate_counts, whose message names a cell
     and a gene."""
-    import anndata as ad
-    import pandas as pd
-
     values = matrix.data
     clean = np.isfinite(values).all() and not (values < 0).any()
     if not clean or not (limits.allow_non_integer or np.array_equal(np.floor(values), values)):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
 from ray import serve
 
 from scdgm.serving.app import create_app
@@ -52,8 +53,6 @@ def running(settings: ServeSettings, num_cpus: int | None = None) -> Iterator[No
 
     Replica logs (the access log) reach this process's stderr, unlike pipelines.sweep.ray_session's quiet Ray.
     """
-    import ray
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="scdgm-ray-", dir="/tmp")  # unix socket paths must stay short

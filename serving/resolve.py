@@ -12,10 +12,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from scdgm import stores
 from scdgm.errors import ScdgmError
+from scdgm.formats import CONFIG_FILE, GENES_FILE, MODEL_DIR_ARTIFACT, WEIGHTS_FILE
 
-MODEL_FILES = ("config.json", "genes.txt", "weights.safetensors")
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+MODEL_FILES = (CONFIG_FILE, GENES_FILE, WEIGHTS_FILE)
 """Files that make a folder a scdgm model directory (see models.base.GenerativeModel.save)."""
 NAME = r"[^/@]+"
 REGISTERED_ALIAS = re.compile(rf"^models:/(?P<name>{NAME})@(?P<alias>{NAME})$")
@@ -50,8 +56,6 @@ def is_model_directory(path: Path) -> bool:
 def find_model_directory(root: Path) -> Path:
     """The scdgm model inside a downloaded pyfunc model (`artifacts/model_dir/`, see pipelines.pyfunc), or
     `root` itself when it is a model directory."""
-    from scdgm.pipelines.pyfunc import MODEL_DIR_ARTIFACT
-
     for candidate in (root / "artifacts" / MODEL_DIR_ARTIFACT, root):
         if is_model_directory(candidate):
             return candidate
@@ -83,16 +87,15 @@ def _local_directory(uri: str) -> ResolvedModel:
     return ResolvedModel(directory=path, name=path.name, version=None, uri=str(path))
 
 
-def _client(tracking_uri: str | None):  # noqa: ANN202 - MlflowClient is imported lazily
-    from scdgm.pipelines.tracking import client, ensure_reachable, tracking_uri as default_tracking_uri
-
-    uri = tracking_uri or default_tracking_uri()
-    ensure_reachable(uri)
-    return client(uri), uri
+def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    """A client on `tracking_uri` (the project's store by default), checked to answer, and its URI."""
+    uri = tracking_uri or stores.tracking_uri()
+    stores.ensure_reachable(uri)
+    return stores.client(uri), uri
 
 
 def _registered(uri: str, parts: dict[str, str], tracking_uri: str | None, cache: Path) -> ResolvedModel:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # here: mlflow takes seconds to import; local models skip it
 
     mlflow_client, store = _client(tracking_uri)
     name = parts["name"]
@@ -124,9 +127,11 @@ def _download(artifact_uri: str, store: str, target: Path) -> Path:
     """The model directory of `artifact_uri`, downloaded once and renamed into place as `target`."""
     if is_model_directory(target):
         return target
-    import mlflow
+    import mlflow  # here: mlflow takes seconds to import; local models skip it
     from mlflow.exceptions import MlflowException
 
+    # Not scdgm.files.atomic_path: the model directory lies somewhere inside the download, and only that
+    # folder is renamed into place (a concurrent worker's finished copy is kept, never replaced).
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:

@@ -9,8 +9,12 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
 from scdgm.errors import ScdgmError
+from scdgm.formats import EXPLANATION_DIR, REFERENCE_FILE
+from scdgm.interpret.explainer import Explainer
+from scdgm.models.base import GenerativeModel
 from scdgm.serving.inputs import CellBatch, InputLimits
 from scdgm.serving.resolve import ResolvedModel, resolve_model
 from scdgm.serving.settings import ServeSettings
@@ -27,37 +31,28 @@ class NoExplanation(ScdgmError):
 class ModelService:
     """A model ready to embed cells, and its explainer when the model directory has one."""
 
-    model: Any
-    explainer: Any | None
+    model: GenerativeModel
+    explainer: Explainer | None
     resolved: ResolvedModel
     limits: InputLimits
     model_info: bytes
 
     def __post_init__(self) -> None:
-        import pandas as pd
-
         self.genes: list[str] = self.model.genes
-        self.var = pd.DataFrame(index=pd.Index(self.genes))
-        """The obs-less var frame of every AnnData handed to model.embed (built once)."""
 
     @classmethod
     def load(cls, settings: ServeSettings) -> ModelService:
         """Resolve the model URI, load the model (and explanation), and precompute the /v1/model answer."""
-        import torch
-
-        from scdgm.interpret.explainer import EXPLANATION_DIR, REFERENCE_FILE, Explainer
-        from scdgm.models import load_model
-
         torch.set_num_threads(settings.torch_threads)
         resolved = resolve_model(settings.model_uri, settings.tracking_uri, settings.cache_dir)
         if (resolved.directory / EXPLANATION_DIR / REFERENCE_FILE).is_file():
             explainer = Explainer.load(resolved.directory)
             model = explainer.model
         else:
-            explainer, model = None, load_model(str(resolved.directory))
-        if getattr(model.config, "batch_key", None):
+            explainer, model = None, GenerativeModel.load(resolved.directory)
+        if model.batch_key is not None:
             raise ScdgmError(
-                f"{resolved.uri}: the model needs a batch covariate (batch_key={model.config.batch_key!r}), "
+                f"{resolved.uri}: the model needs a batch covariate (batch_key={model.batch_key!r}), "
                 "which the HTTP API does not take"
             )
         info = {
@@ -78,12 +73,8 @@ class ModelService:
 
     def embed(self, batch: CellBatch) -> bytes:
         """The /v1/embed response body: latent mean and variance per cell."""
-        import anndata as ad
-        import torch
-
-        adata = ad.AnnData(X=batch.counts, var=self.var)
         with torch.inference_mode():
-            embedding = self.model.embed(adata)
+            embedding = self.model.embed_counts(batch.counts)
         fields = self._batch_fields(batch)
         fields["latent_mean"] = np.ascontiguousarray(embedding.mean, dtype=np.float32)
         fields["latent_var"] = np.ascontiguousarray(embedding.var, dtype=np.float32)
@@ -97,7 +88,7 @@ class ModelService:
         fields["explanation_genes"] = explained.genes
         fields["label_key"] = self.explainer.label_key
         fields["driver_method"] = explained.driver_method
-        fields["explanations"] = [{"cell": cell, **record} for cell, record in zip(cells, explained.records())]
+        fields["explanations"] = [{"cell": cell, **record} for cell, record in zip(cells, explained.records(), strict=True)]
         return orjson.dumps(fields, option=JSON_OPTIONS)
 
     def _batch_fields(self, batch: CellBatch) -> dict[str, Any]:

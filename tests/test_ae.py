@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from scdgm.errors import ScdgmError
 from scdgm.models import create_model, load_model
 from scdgm.models.ae import Autoencoder
 from scdgm.models.data import split_mask
 from scdgm.models.evaluation import knn_accuracy
-from scdgm.errors import ScdgmError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 

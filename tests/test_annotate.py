@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from scdgm.pipelines.annotate import annotate_by_markers, load_markers
 from scdgm.errors import InputError
+from scdgm.pipelines.annotate import annotate_by_markers, load_markers
 from scdgm.pipelines.prepare import prepare
 from scdgm.pipelines.simulate import simulate_programs
 
@@ -46,7 +46,7 @@ def test_planted_types_get_their_marker_names():
     names = list(data.var_names)
     for t, cell_type in enumerate(planted.values()):  # rename some of program t's genes to the type's markers
         members = np.flatnonzero(data.var["program"].to_numpy() == t)
-        for position, gene in zip(members, markers[cell_type]):
+        for position, gene in zip(members, markers[cell_type], strict=False):
             names[position] = gene
     data.var_names = names
     truth = data.obs["cell_type"].astype(str).map(planted).to_numpy()  # annotation overwrites obs['cell_type']

@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdgm.interpret.association import label_latents, latent_association, standardized_mean_differences
 from scdgm.errors import InputError
+from scdgm.interpret.association import label_latents, latent_association, standardized_mean_differences
 from scdgm.pipelines.simulate import simulate_programs
 
 N_TYPES = 4

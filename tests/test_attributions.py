@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from scdgm import models
+from scdgm.errors import InputError
 from scdgm.interpret.attributions import (
     batch_attributions,
     cell_attributions,
@@ -11,7 +12,6 @@ from scdgm.interpret.attributions import (
     latent_mean_function,
     top_attributed_genes,
 )
-from scdgm.errors import InputError
 from scdgm.pipelines.simulate import simulate_programs
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from scdgm.errors import InputError
 from scdgm.models import GenerativeModel
 from scdgm.models.dbm import DBM, DBMModule
 from scdgm.models.evaluation import PCASpace, mmd_rbf
-from scdgm.errors import InputError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 

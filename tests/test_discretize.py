@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scdgm.interpret.discretize import Discretizer, discretize, fit_discretizer
 from scdgm.errors import InputError, ScdgmError
+from scdgm.interpret.discretize import Discretizer, discretize, fit_discretizer
 
 
 @pytest.fixture

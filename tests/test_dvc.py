@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from repo import REPO_ROOT
 
 BIN = Path(sys.executable).parent

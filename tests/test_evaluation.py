@@ -4,6 +4,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from scdgm.errors import InputError
 from scdgm.models import create_model
 from scdgm.models.evaluation import (
     MAX_CELLS,
@@ -14,7 +15,6 @@ from scdgm.models.evaluation import (
     mmd_rbf,
     reconstruction_metrics,
 )
-from scdgm.errors import InputError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 

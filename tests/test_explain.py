@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from scdgm import models
+from scdgm.errors import InputError
 from scdgm.interpret.explain import run_explanation
 from scdgm.interpret.explainer import Explainer
 from scdgm.pipelines.cli import main
-from scdgm.errors import InputError
 from scdgm.pipelines.explain import summary
 from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 

@@ -9,9 +9,9 @@ import pytest
 import scipy.sparse as sp
 
 from scdgm import models
+from scdgm.errors import InputError, ScdgmError
 from scdgm.interpret.explain import run_explanation
 from scdgm.interpret.explainer import Explainer
-from scdgm.errors import InputError, ScdgmError
 from scdgm.pipelines.simulate import simulate_programs
 
 N_PROGRAMS = 4

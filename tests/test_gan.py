@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from scdgm.errors import InputError
 from scdgm.models import GenerativeModel
 from scdgm.models.data import expression_to_counts
 from scdgm.models.evaluation import PCASpace, knn_accuracy, mmd_rbf
 from scdgm.models.gan import WGAN
-from scdgm.errors import InputError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 

@@ -42,7 +42,7 @@ def _mtx_folder(folder: Path, counts: np.ndarray, legacy: bool, extra_feature: b
     folder.mkdir(parents=True)
     gz = "" if legacy else ".gz"
     matrix = counts.T  # genes x cells on disk
-    features = [f"{i}\t{g}" + ("" if legacy else "\tGene Expression") for i, g in zip(IDS, GENES)]
+    features = [f"{i}\t{g}" + ("" if legacy else "\tGene Expression") for i, g in zip(IDS, GENES, strict=True)]
     if extra_feature:
         matrix = np.vstack([matrix, np.arange(1, len(CELLS) + 1)])
         features.append("CD3_TotalSeqB\tCD3\tAntibody Capture")

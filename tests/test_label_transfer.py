@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
+from scdgm.errors import InputError
 from scdgm.interpret.discretize import fit_discretizer
 from scdgm.interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
-from scdgm.errors import InputError
 
 
 def make_reference() -> tuple[LabelReference, np.ndarray]:

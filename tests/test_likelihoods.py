@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
+from scdgm.errors import ScdgmError
 from scdgm.models.likelihoods import (
     TABLE_COUNTS,
     CountLikelihood,
@@ -19,7 +20,6 @@ from scdgm.models.likelihoods import (
     sample_poisson,
     sample_zinb,
 )
-from scdgm.errors import ScdgmError
 
 X = np.array([0, 0, 1, 3, 7, 40, 150, 0, 2, 1000], dtype=np.float64)
 MU = np.array([1e-6, 2.5, 0.3, 3.0, 50.0, 35.0, 160.0, 1e3, 1e-3, 900.0])

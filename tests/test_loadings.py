@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from scdgm import models
+from scdgm.errors import InputError
 from scdgm.interpret.genesets import immune_gene_sets, read_gmt
 from scdgm.interpret.loadings import gene_set_scores, model_loadings, summarize_loadings, top_genes, variance_explained
-from scdgm.errors import InputError
 from scdgm.pipelines.simulate import simulate_programs
 
 N_PROGRAMS = 5
@@ -63,7 +63,7 @@ def test_small_or_absent_sets_are_reported_untested(fitted):
     model, _ = fitted
     table = gene_set_scores(model.loadings(), {"tiny": ["gene_001", "not_a_gene"], "absent": ["XYZ"]}, min_size=3)
     assert table["p_value"].isna().all()
-    assert dict(zip(table["gene_set"], table["n_missing"])) == {"tiny": 1, "absent": 1}
+    assert dict(zip(table["gene_set"], table["n_missing"], strict=True)) == {"tiny": 1, "absent": 1}
 
 
 def test_gmt_reading_and_bundled_sets(tmp_path):

@@ -4,9 +4,9 @@ import pytest
 import scipy.sparse as sp
 
 import scdgm.interpret.loglinear as loglinear
+from scdgm.errors import InputError, ScdgmError
 from scdgm.interpret.loglinear import LogLinearProblem, g2_matrix, stepwise_select
 from scdgm.interpret.reference import contingency_table, glm_deviance, ipf_deviance, reference_g2_matrix
-from scdgm.errors import InputError, ScdgmError
 
 
 def random_problem(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,9 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from tracking_helpers import runs_by_role, write_tiny_prepared
-
 from repo import REPO_ROOT
+from tracking_helpers import runs_by_role, write_tiny_prepared
 
 ENTRY_POINTS = {"fetch", "prepare", "train", "tune", "explain", "evaluate", "register"}
 MLPROJECT_TYPES = {"string", "float", "path", "uri"}

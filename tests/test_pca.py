@@ -6,10 +6,10 @@ from scipy.linalg import subspace_angles
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA as SklearnPCA
 
+from scdgm.errors import InputError
 from scdgm.models import GenerativeModel
 from scdgm.models.evaluation import PCASpace
 from scdgm.models.pca import PCA
-from scdgm.errors import InputError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 

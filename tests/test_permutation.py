@@ -6,9 +6,9 @@ import tempfile
 import numpy as np
 import pytest
 
+from scdgm.errors import ScdgmError
 from scdgm.interpret.loglinear import LogLinearProblem, selection_stability, step_test, stepwise_select
 from scdgm.interpret.permutation import permutation_test
-from scdgm.errors import ScdgmError
 
 SIGNAL = set(range(10))
 

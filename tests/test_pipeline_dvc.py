@@ -11,7 +11,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from repo import REPO_ROOT
 
 BIN = Path(sys.executable).parent

@@ -6,8 +6,8 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from scdgm.pipelines.cli import main
 from scdgm.errors import InputError, ScdgmError
+from scdgm.pipelines.cli import main
 from scdgm.pipelines.prepare import SPLITS, prepare, split_cells
 from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 
@@ -52,7 +52,7 @@ def test_split_is_stratified_with_the_requested_fractions(prepared):
     assert list(split.cat.categories) == list(SPLITS)
     table = pd.crosstab(prepared.obs["cell_type"], split)
     sizes = table.sum(axis=1)
-    for name, fraction in zip(SPLITS, (0.8, 0.1, 0.1)):
+    for name, fraction in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
         assert (np.abs(table[name] - fraction * sizes) <= 1).all()
 
 

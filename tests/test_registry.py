@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from tracking_helpers import isolated_tracking, write_tiny_prepared
 
+from scdgm.errors import ScdgmError
 from scdgm.pipelines import tracking
 from scdgm.pipelines.cli import main
-from scdgm.errors import ScdgmError
 from scdgm.pipelines.registry import register
 
 NAME = "tiny-ldvae"

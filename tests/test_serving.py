@@ -323,21 +323,21 @@ def cli_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     token_file = folder / "token"
     token_file.write_text("s3cret-token\n")
     port = free_port()
-    log = open(folder / "stderr.log", "w+b")
     command = [*SCDGM, "serve", "--model-uri", str(model_dir), "--port", str(port), "--workers", "2",
                "--token-file", str(token_file), "--cors-origin", "http://example.org", "--allow-non-integer"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        wait_until_ready(HOST, port, "/ready", process)
-        yield {"url": f"http://{HOST}:{port}", "port": port, "token": "s3cret-token", "log": folder / "stderr.log"}
-    finally:
-        process.terminate()
+    with open(folder / "stderr.log", "w+b") as log:
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+            wait_until_ready(HOST, port, "/ready", process)
+            yield {"url": f"http://{HOST}:{port}", "port": port, "token": "s3cret-token", "log": folder / "stderr.log"}
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def test_bearer_token_guards_v1(cli_server: dict, test_cells: ad.AnnData) -> None:
@@ -393,8 +393,8 @@ def test_cli_reports_a_bad_model_uri_in_one_line(tmp_path: Path) -> None:
 # --- model URIs from the MLflow registry -----------------------------------------------------------------------
 def test_registered_model_is_resolved_and_served(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  test_cells: ad.AnnData) -> None:
-    from scdgm.pipelines import tracking
     from scdgm.errors import ScdgmError
+    from scdgm.pipelines import tracking
     from scdgm.pipelines.registry import register
     from scdgm.serving.resolve import resolve_model
 
@@ -490,8 +490,9 @@ def test_pbmc3k_champion_serves_the_test_split(capsys: pytest.CaptureFixture) ->
     """`scdgm serve --model-uri models:/pbmc3k-ldvae@champion` embeds and explains the test split, and the
     transferred labels agree with the annotated types at least at the accuracy `scdgm explain` reported."""
     from repo import REPO_ROOT
-    from scdgm.pipelines.config import load_params
+
     from scdgm.errors import ScdgmError
+    from scdgm.pipelines.config import load_params
     from scdgm.pipelines.tracking import tracking_uri
     from scdgm.serving.resolve import resolve_model
 

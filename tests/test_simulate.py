@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scdgm.pipelines.cli import main
 from scdgm.errors import InputError
+from scdgm.pipelines.cli import main
 from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 
 

@@ -8,11 +8,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from repo import REPO_ROOT
 from tracking_helpers import isolated_tracking, write_tiny_prepared
 
 from scdgm.pipelines import tracking
 from scdgm.pipelines.cli import main
-from repo import REPO_ROOT
 
 EPOCHS = 3
 
@@ -54,7 +54,7 @@ def test_train_run_records_params_epochs_lineage_tags_and_artifacts(trained, tin
     assert params["model"] == "ldvae" and params["n_latent"] == "3" and params["max_epochs"] == str(EPOCHS)
     assert params["data.path"] == str(tiny_data) and params["data.n_obs"] == "400"
     assert params["data.md5_source"] == "computed"
-    assert params["data.md5"] == hashlib.md5(tiny_data.read_bytes()).hexdigest()
+    assert params["data.md5"] == hashlib.md5(tiny_data.read_bytes()).hexdigest()  # noqa: S324 - the fingerprint DVC uses
     assert run.inputs.dataset_inputs[0].dataset.digest == params["data.md5"]
     client = mlflow.MlflowClient(uri)
     for key in ("train_loss", "validation_loss", "train_kl", "validation_reconstruction", "lr"):

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from tracking_helpers import isolated_tracking
 
+from scdgm.errors import ScdgmError
 from scdgm.models import load_model
 from scdgm.pipelines.cli import main
-from scdgm.errors import ScdgmError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 from scdgm.pipelines.train import model_params, save_model_dir, train_model
@@ -107,14 +107,15 @@ def test_bad_input_gives_one_line_and_leaves_no_directory(data_file, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
-def test_data_without_split_trains_on_all_cells(cells, tmp_path):
+def test_data_without_split_gets_a_seeded_validation_split(cells, tmp_path):
     unsplit = cells.copy()
     del unsplit.obs["split"]
     path = tmp_path / "unsplit.h5ad"
     unsplit.write_h5ad(path)
-    main(["train", "--model", "ldvae", "--data", str(path), "--out", str(tmp_path / "ld"), *FAST])
+    with pytest.warns(UserWarning, match="split"):  # says so
+        main(["train", "--model", "ldvae", "--data", str(path), "--out", str(tmp_path / "ld"), *FAST])
     metrics = json.loads((tmp_path / "ld" / "metrics.json").read_text())
-    assert "train_loss" in metrics and "validation_loss" not in metrics
+    assert "train_loss" in metrics and "validation_loss" in metrics
     main(["train", "--model", "ae", "--data", str(path), "--out", str(tmp_path / "ld"), "--set", "max_epochs=1"])
     assert load_model(str(tmp_path / "ld")).kind == "ae"  # an earlier model directory is replaced
 

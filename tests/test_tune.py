@@ -12,10 +12,10 @@ import mlflow
 import optuna
 import pytest
 import yaml
-from tracking_helpers import isolated_tracking, runs_by_role, tiny_params, write_tiny_prepared
+from tracking_helpers import TINY_SPACE, isolated_tracking, runs_by_role, tiny_params, write_tiny_prepared
 
-from scdgm.pipelines.config import load_params
 from scdgm.errors import ScdgmError
+from scdgm.pipelines.config import load_params
 from scdgm.pipelines.sweep import SweepInterrupted, run_sweep
 from scdgm.pipelines.train import model_params
 from scdgm.pipelines.tune import check_space, settings_from_params
@@ -138,8 +138,9 @@ def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
         check_space("ldvae", {"lr": ["loguniform", 0, 1]})
     with pytest.raises(ScdgmError, match="first element"):
         check_space("ldvae", {"lr": ["normal", 0, 1]})
-    with pytest.raises(ScdgmError, match="no search space for vae"):
-        settings_from_params(params, models="vae")
+    with pytest.raises(ScdgmError, match="no search space for pca"):
+        settings_from_params(params, models="pca")
+    assert params["tune"]["spaces"]["ldvae"] == TINY_SPACE  # a project's space replaces the packaged one whole
     with pytest.raises(ScdgmError, match="unknown model"):
         settings_from_params(params, models="ldvae,nope")
     params["tune"]["spaces"]["ldvae"]["n_leaves"] = ["int", 1, 3]

@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy import stats
 
+from scdgm.errors import ScdgmError
 from scdgm.models import create_model, load_model
 from scdgm.models.data import split_mask
 from scdgm.models.evaluation import knn_accuracy
 from scdgm.models.training import LoopConfig, StepContext
 from scdgm.models.vae import LDVAE, VAE, VAEConfig, varimax
-from scdgm.errors import ScdgmError
 from scdgm.pipelines.prepare import split_cells
 from scdgm.pipelines.simulate import simulate_programs
 

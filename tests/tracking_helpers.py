@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from repo import REPO_ROOT
+
 from scdgm.pipelines.config import load_params
 
 TINY_SPACE = {
