@@ -118,7 +118,7 @@ def requests_for(cells) -> dict[str, bytes]:  # noqa: ANN001 - AnnData, imported
     import scipy.sparse as sp
 
     genes = [str(g) for g in cells.var_names]
-    counts = sp.csr_matrix(cells.layers["counts"] if "counts" in cells.layers else cells.X)
+    counts = sp.csr_matrix(cells.layers.get("counts", cells.X))
     one = counts[:1].toarray().astype(np.int64).tolist()
     batch = counts.toarray().astype(np.int64).tolist()
     return {
