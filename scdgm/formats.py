@@ -12,8 +12,9 @@ EXPLANATION_DIR = "explanation"  # `scdgm explain`'s output inside (or beside) a
 EXPLANATION_FILE = "explanation.json"  # the explanation report
 REFERENCE_FILE = "reference.json"  # what serving needs to explain new cells
 MODEL_DIR_ARTIFACT = "model_dir"  # inside a logged pyfunc model: artifacts/model_dir/ holds the model directory
+MODEL_FILES = (CONFIG_FILE, GENES_FILE, WEIGHTS_FILE)  # what every saved model directory holds
 
 
 def is_model_directory(path: str | Path) -> bool:
-    """True when `path` holds a saved scdgm model (its config.json)."""
-    return (Path(path) / CONFIG_FILE).is_file()
+    """True when `path` holds a saved scdgm model (config, genes and weights)."""
+    return all((Path(path) / name).is_file() for name in MODEL_FILES)

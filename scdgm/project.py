@@ -17,7 +17,8 @@ OPTUNA_DB = "optuna.db"  # Optuna's studies, unless tune.storage names another
 RAY_RESULTS = "ray_results"  # Ray Tune's trial folders
 REPORTS = "reports"  # tune's outputs, evaluation metrics, history and figures, the registration
 ARTIFACTS = "artifacts"  # model directories of the pipeline
-STATE = (MLFLOW_DB, MLFLOW_ARTIFACTS, OPTUNA_DB, RAY_RESULTS, REPORTS, ARTIFACTS)
+MODEL_CACHE = ".scdgm/models"  # registered models that `scdgm serve` downloaded, keyed by store, name and version
+STATE = (MLFLOW_DB, MLFLOW_ARTIFACTS, OPTUNA_DB, RAY_RESULTS, REPORTS, ARTIFACTS, ".scdgm")
 
 
 def project_dir() -> Path:

@@ -6,6 +6,7 @@ change), through a temporary folder renamed into place, so uvicorn workers and R
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING
 
 from scdgm import stores
 from scdgm.errors import ScdgmError
-from scdgm.formats import CONFIG_FILE, GENES_FILE, MODEL_DIR_ARTIFACT, WEIGHTS_FILE
+from scdgm.formats import MODEL_DIR_ARTIFACT, MODEL_FILES, is_model_directory
+from scdgm.project import MODEL_CACHE, project_path
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-MODEL_FILES = (CONFIG_FILE, GENES_FILE, WEIGHTS_FILE)
 """Files that make a folder a scdgm model directory (see models.base.GenerativeModel.save)."""
 NAME = r"[^/@]+"
 REGISTERED_ALIAS = re.compile(rf"^models:/(?P<name>{NAME})@(?P<alias>{NAME})$")
@@ -42,15 +43,14 @@ class ResolvedModel:
 
 
 def default_cache_dir() -> Path:
-    """$SCDGM_CACHE_DIR, else $XDG_CACHE_HOME/scdgm, else ~/.cache/scdgm."""
+    """$SCDGM_CACHE_DIR, else the project's model cache (`<project>/.scdgm/models`)."""
     explicit = os.environ.get("SCDGM_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scdgm"
+    return Path(explicit) if explicit else project_path(MODEL_CACHE)
 
 
-def is_model_directory(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in MODEL_FILES)
+def _store_key(store: str) -> str:
+    """A short, stable folder name for a tracking store: version 1 of a name differs between stores."""
+    return hashlib.sha256(store.encode()).hexdigest()[:12]
 
 
 def find_model_directory(root: Path) -> Path:
@@ -106,20 +106,20 @@ def _registered(uri: str, parts: dict[str, str], tracking_uri: str | None, cache
             version = mlflow_client.get_model_version(name, parts["version"]).version
     except MlflowException as exc:
         raise ScdgmError(f"{uri}: not found in the MLflow registry at {store} ({_first_line(exc)})") from None
-    target = cache / "registered" / _safe(name) / str(version)
+    target = cache / "registered" / _store_key(store) / _safe(name) / str(version)
     directory = _download(f"models:/{name}/{version}", store, target)
     return ResolvedModel(directory=directory, name=name, version=str(version), uri=uri)
 
 
 def _logged_model(uri: str, parts: dict[str, str], tracking_uri: str | None, cache: Path) -> ResolvedModel:
     _, store = _client(tracking_uri)
-    directory = _download(uri, store, cache / "logged" / parts["model_id"])
+    directory = _download(uri, store, cache / "logged" / _store_key(store) / parts["model_id"])
     return ResolvedModel(directory=directory, name=parts["model_id"], version=None, uri=uri)
 
 
 def _run_artifact(uri: str, parts: dict[str, str], tracking_uri: str | None, cache: Path) -> ResolvedModel:
     _, store = _client(tracking_uri)
-    directory = _download(uri, store, cache / "runs" / parts["run_id"] / _safe(parts["path"]))
+    directory = _download(uri, store, cache / "runs" / _store_key(store) / parts["run_id"] / _safe(parts["path"]))
     return ResolvedModel(directory=directory, name=parts["path"].strip("/"), version=parts["run_id"], uri=uri)
 
 

@@ -9,12 +9,21 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 def section(path: Path, heading: str) -> str:
     """The text under `heading` (a full Markdown heading line, e.g. '## Quickstart') up to the next heading of
-    the same or a higher level."""
-    text = path.read_text()
-    start = text.index(heading + "\n") + len(heading) + 1
+    the same or a higher level; '#' lines inside code fences are code, not headings."""
     level = len(heading) - len(heading.lstrip("#"))
-    following = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start)
-    return text[start:following.start() if following else len(text)]
+    lines, inside, fenced = [], False, False
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        is_heading = not fenced and re.match(r"#+ ", line)
+        if inside and is_heading and len(line) - len(line.lstrip("#")) <= level:
+            break
+        if inside:
+            lines.append(line)
+        inside = inside or line.rstrip("\n") == heading
+    if not inside:
+        raise ValueError(f"{path.name} has no heading {heading!r}")
+    return "".join(lines)
 
 
 def blocks(path: Path, heading: str, language: str | None = None) -> list[str]:

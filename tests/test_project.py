@@ -49,7 +49,8 @@ def no_project(monkeypatch: pytest.MonkeyPatch) -> None:
     """No project, tracking store or run chosen by the environment; restored after the test."""
     monkeypatch.setenv(PROJECT_ENV, "")  # --project sets it in-process; the monkeypatch undoes that
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so a value MLflow sets during the test is undone too
+        monkeypatch.delenv(name)
 
 
 def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
