@@ -27,7 +27,7 @@ TINY_PIPELINE = {
         },
     }
 }
-TINY_PARAMS = {"seed": 0, "prepare": {"min_genes": 10, "max_genes": None, "n_top_genes": 2000}}  # keeps all genes
+TINY_PARAMS = {"seed": 0, "prepare": {"min_genes": 10, "max_genes": None, "n_top_genes": 200}}  # keeps all 200 genes
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -91,3 +91,11 @@ def test_repro_is_incremental_and_data_round_trips_through_the_remote(tiny_proje
     prepared.unlink()
     dvc(tiny_project, "pull")
     assert prepared.read_bytes() == content
+
+
+def test_the_demo_pipeline_is_the_only_one_dvc_collects() -> None:
+    """`dvc repro` in this repository sees the demo's stages only: scdgm init's template dvc.yaml (package data)
+    would otherwise be collected as a second pipeline whose ${data.*} cannot resolve."""
+    stages = dvc(REPO_ROOT, "stage", "list", "--all")
+    names = [line.split()[0] for line in stages.splitlines() if line.strip()]
+    assert names == list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
