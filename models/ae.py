@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scdgm.errors import ScdgmError
-from scdgm.models.base import Embedding, EpochCallback, TrainingHistory
+from scdgm.models.base import Embedding, EpochCallback, TrainingHistory, check_at_least, check_rate
 from scdgm.models.data import Batch, log_normalize
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior
 from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
@@ -44,13 +43,11 @@ class AEConfig(TrainConfig):
     loss: Literal["nb", "mse"] = "nb"
     mc_passes: int = 20
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         check_architecture(self.n_latent, self.n_hidden, self.n_layers, self.dropout)
-        if not 0.0 <= self.input_dropout < 1.0:
-            raise ScdgmError(f"input_dropout must be in [0, 1), got {self.input_dropout}")
-        if self.mc_passes < 2:
-            raise ScdgmError(f"mc_passes must be at least 2, got {self.mc_passes}")
+        check_rate(input_dropout=self.input_dropout)
+        check_at_least(2, mc_passes=self.mc_passes)
 
 
 class AEModule(nn.Module):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,11 +25,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scdgm.errors import InputError, ScdgmError
 from scdgm.files import write_text_atomic, write_with
-from scdgm.formats import CONFIG_FILE, GENES_FILE, WEIGHTS_FILE
+from scdgm.formats import CONFIG_FILE, GENES_FILE, MODEL_FILES, WEIGHTS_FILE
 from scdgm.models.data import counts_view, fit_split, model_counts, training_counts
 from scdgm.models.evaluation import evaluate_model
 
@@ -111,10 +113,10 @@ class GenerativeModel(ABC):
         return GenerativeModel._classes[kind]
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
-        base = config if config is not None else self.Config()
-        if isinstance(base, dict):
-            base = self.Config(**base)
         try:
+            base = config if config is not None else self.Config()
+            if isinstance(base, dict):
+                base = self.Config(**base)
             self.config = dataclasses.replace(base, **overrides)
         except TypeError as exc:
             raise ScdgmError(f"{self.kind}: {exc}") from None
@@ -252,7 +254,10 @@ class GenerativeModel(ABC):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` wrote."""
-        self.batch_categories = list(state.get("batch_categories", []))
+        categories = state.get("batch_categories", [])
+        if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
+            raise ScdgmError("extra_state.batch_categories must be a list of batch names")
+        self.batch_categories = categories
 
     def save(self, directory: str | Path) -> Path:
         """Write config.json, genes.txt and weights.safetensors into `directory`, each file atomically (no
@@ -276,24 +281,111 @@ class GenerativeModel(ABC):
 
     @staticmethod
     def load(directory: str | Path) -> GenerativeModel:
-        """Load any model saved by `save`; the kind recorded in config.json picks the class."""
+        """Load any model saved by `save`; the kind recorded in config.json picks the class.
+
+        A damaged directory (config.json not JSON or missing keys, genes.txt short or missing, weights.safetensors
+        truncated or not fitting the config and genes) is a ScdgmError naming the file and the problem.
+        """
         directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        if not config_path.exists():
+        config_path, genes_path, weights_path = (directory / name for name in (CONFIG_FILE, GENES_FILE, WEIGHTS_FILE))
+        if not config_path.is_file():
             raise ScdgmError(f"{directory}: not a scdgm model directory (no {CONFIG_FILE})")
+        model = _model_from_config(config_path)
+        model.genes = _read_genes(genes_path)
+        tensors = _read_weights(weights_path)
         try:
-            document = json.loads(config_path.read_text())
-            cls = GenerativeModel.class_of(document["kind"])
-            model = cls(cls.Config(**document["config"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ScdgmError(f"{config_path}: unreadable model config ({exc})") from None
-        model.genes = (directory / GENES_FILE).read_text().split()
+            model.load_state_tensors(tensors)
+        except TensorMismatch as exc:
+            raise ScdgmError(f"{weights_path}: {exc}") from None
+        return model
+
+
+class TensorMismatch(ScdgmError):
+    """Saved tensors that do not fit the model described by config.json and genes.txt."""
+
+
+def check_tensor_shapes(expected: Mapping[str, Sequence[int]], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise TensorMismatch naming the first tensor missing, unexpected or of another shape than `expected`."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise TensorMismatch(f"tensor {missing[0]!r} is missing ({len(missing)} of {len(expected)} missing)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise TensorMismatch(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for name, shape in expected.items():
+        found = tuple(tensors[name].shape)
+        if found != tuple(shape):
+            raise TensorMismatch(
+                f"tensor {name!r} has shape {list(found)} but {CONFIG_FILE} and {GENES_FILE} call for {list(shape)} "
+                "(edited n_latent, sizes or gene list?)"
+            )
+
+
+def _model_from_config(path: Path) -> GenerativeModel:
+    """An unfitted model of the kind and config recorded in config.json, with its history, metadata and extra
+    state; any problem is one line naming the file."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScdgmError(f"{path}: not readable JSON ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(document, dict):
+        raise ScdgmError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    for key, kind in (("kind", str), ("config", dict)):
+        if not isinstance(document.get(key), kind):
+            raise ScdgmError(f"{path}: missing or malformed {key!r} (expected {kind.__name__})")
+    version = document.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ScdgmError(f"{path}: format_version {version!r} is not one this scdgm reads (up to {FORMAT_VERSION})")
+    for key in ("history", "metadata", "extra_state"):
+        if not isinstance(document.get(key) or {}, dict):
+            raise ScdgmError(f"{path}: {key!r} must be a JSON object")
+    try:
+        cls = GenerativeModel.class_of(document["kind"])
+        model = cls(cls.Config(**document["config"]))
         history = document.get("history") or {}
         model.history = TrainingHistory(**history) if history else TrainingHistory()
-        model.metadata = document.get("metadata", {})
-        model.load_extra_state(document.get("extra_state", {}))
-        model.load_state_tensors(load_file(str(directory / WEIGHTS_FILE)))
-        return model
+        model.metadata = document.get("metadata") or {}
+        model.load_extra_state(document.get("extra_state") or {})
+    except ScdgmError as exc:
+        raise ScdgmError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ScdgmError(f"{path}: malformed model config ({exc.__class__.__name__}: {exc})") from None
+    return model
+
+
+def _read_genes(path: Path) -> list[str]:
+    """The gene list of a model directory: one unique, non-empty name per line."""
+    try:
+        genes = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise ScdgmError(f"{path}: missing (a model directory holds {', '.join(MODEL_FILES)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScdgmError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
+    if not genes:
+        raise ScdgmError(f"{path}: empty; expected one gene name per line")
+    blank = next((i for i, gene in enumerate(genes, start=1) if not gene.strip()), None)
+    if blank is not None:
+        raise ScdgmError(f"{path}: line {blank} is empty; expected one gene name per line")
+    if len(set(genes)) != len(genes):
+        seen: set[str] = set()
+        duplicate = next(g for g in genes if g in seen or seen.add(g))
+        raise ScdgmError(f"{path}: gene {duplicate!r} is listed more than once")
+    return genes
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of weights.safetensors; unreadable files and non-finite values are one-line errors."""
+    if not path.is_file():
+        raise ScdgmError(f"{path}: missing (a model directory holds {', '.join(MODEL_FILES)})")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ScdgmError(f"{path}: not a readable safetensors file ({reason})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ScdgmError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    return tensors
 
 
 class LinearDecoder(ABC):
@@ -330,11 +422,55 @@ class CountEncoder(ABC):
         differentiable with respect to `x`; `batch_index` holds the cells' batch codes (see `batch_codes`)."""
 
 
+class ModelConfig:
+    """Base of every model's config dataclass: on construction (and `dataclasses.replace`) the field types are
+    coerced and `check` rejects values out of their domain, so the library, the CLI, `--set` and params.yaml
+    refuse them alike, before any data is read."""
+
+    def __post_init__(self) -> None:
+        coerce_field_types(self)
+        self.check()
+
+    def check(self) -> None:
+        """Raise ScdgmError naming the first value out of its domain; subclasses extend it, calling super()."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise InputError(message) unless `ok`: a ScdgmError for the CLI, a ValueError for library callers."""
+    if not ok:
+        raise InputError(message)
+
+
+def check_at_least(minimum: int, **values: int | None) -> None:
+    """Each of `values` (by name) is at least `minimum`."""
+    for name, value in values.items():
+        require(value is not None and value >= minimum, f"{name} must be at least {minimum}, got {value!r}")
+
+
+def check_positive(**values: float | None) -> None:
+    """Each of `values` (by name) is a finite number above 0."""
+    for name, value in values.items():
+        require(value is not None and 0 < value < math.inf, f"{name} must be a positive number, got {value!r}")
+
+
+def check_non_negative(**values: float | None) -> None:
+    """Each of `values` (by name) is a finite number of at least 0."""
+    for name, value in values.items():
+        require(value is not None and 0 <= value < math.inf, f"{name} must be a number >= 0, got {value!r}")
+
+
+def check_rate(**values: float | None) -> None:
+    """Each of `values` (by name) is a rate in [0, 1), such as a dropout probability."""
+    for name, value in values.items():
+        require(value is not None and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}")
+
+
 def coerce_field_types(config: Any) -> None:
     """Check every field of a config dataclass against its annotation, in place; ints and numeric text become
-    floats where a float is expected (YAML reads `1e-3` as text). A wrong type is a user error naming the field.
+    floats where a float is expected (YAML reads `1e-3` as text), whole floats ints where an int is. A wrong type
+    is a user error naming the field.
 
-    Call it from a config's `__post_init__` (TrainConfig does), so bad `--set` values fail before any work.
+    `ModelConfig.__post_init__` calls it, so bad `--set` values fail before any work.
     """
     hints = typing.get_type_hints(type(config))
     for item in dataclasses.fields(config):
@@ -364,6 +500,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is bool:
         return value if isinstance(value, bool) else _INVALID
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # `--set max_epochs=1e3`, or MLflow's float parameters (400.0)
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

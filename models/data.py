@@ -15,6 +15,9 @@ import torch
 from scdgm.errors import InputError
 
 VALIDATION_CHUNK = 1 << 24  # stored values checked at once by validate_counts (bounded temporary memory)
+MAX_COUNT = 2**24
+"""The largest count accepted per entry: float32, in which models compute, holds every integer up to 2**24
+exactly; larger values are refused rather than silently rounded (or overflowing a library size)."""
 VALIDATION_FRACTION = 0.1
 """Share of the cells held out for validation (early stopping) when the data have no obs['split']."""
 MIN_CELLS_FOR_VALIDATION = 10
@@ -24,6 +27,7 @@ BAD_VALUE_MESSAGES = {
     "negative": "{count} negative values in the counts, e.g. {example}",
     "non-integer": "{count} non-integer values in the counts, e.g. {example}: expected raw counts, not normalised or "
     "log data ({hint})",
+    "too-large": "{count} counts above 2**24 = 16777216, the largest integer float32 holds exactly, e.g. {example}",
 }
 
 
@@ -34,6 +38,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device={device!r} asked for, but no CUDA device is available")
     return torch.device(device)
+
+
+def check_device(device: str) -> None:
+    """'auto' or a device torch knows by name (cpu, cuda, cuda:1, mps...); whether it exists is checked on use."""
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
 
 
 def layer_name(layer: str | None) -> str:
@@ -147,12 +161,16 @@ def _example(matrix: np.ndarray | sp.spmatrix, adata: ad.AnnData, position: int,
 
 def _bad_value_masks(chunk: np.ndarray, allow_non_integer: bool) -> dict[str, np.ndarray]:
     """Boolean masks of the values in `chunk` that cannot be counts, by problem (see BAD_VALUE_MESSAGES)."""
+    if chunk.dtype.kind == "b":
+        return {}
     if chunk.dtype.kind != "f":
-        return {"negative": chunk < 0} if chunk.dtype.kind == "i" else {}
+        masks = {"negative": chunk < 0} if chunk.dtype.kind == "i" else {}
+        return {**masks, "too-large": chunk > MAX_COUNT}
     finite = np.isfinite(chunk)
     masks = {"non-finite": ~finite, "negative": (chunk < 0) & finite}
     if not allow_non_integer:
         masks["non-integer"] = (np.floor(chunk) != chunk) & finite
+    masks["too-large"] = (chunk > MAX_COUNT) & finite
     return masks
 
 
@@ -163,7 +181,8 @@ def validate_counts(
     layer: str | None = None,
     non_integer_hint: str = CLI_NON_INTEGER_HINT,
 ) -> None:
-    """Raise InputError unless .X (or `layer`) holds a non-empty matrix of finite, non-negative (integer) counts.
+    """Raise InputError unless .X (or `layer`) holds a non-empty matrix of finite, non-negative (integer) counts
+    of at most MAX_COUNT.
 
     Checks only the stored values of a sparse matrix, vectorised in chunks, so 1M cells x 2000 genes takes
     about a second; the message says how many values are bad and names one cell and gene, and for

@@ -20,7 +20,6 @@ its mean-field probabilities (an approximation — the exact conditional would a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
-from scdgm.errors import InputError
+from scdgm.models.base import check_at_least, check_non_negative, check_positive, require
 from scdgm.models.data import Batch, model_counts
 from scdgm.models.torch_model import TorchModel, TrainConfig
 from scdgm.models.training import StepContext
@@ -60,6 +59,15 @@ class DBMConfig(TrainConfig):
     batch_size: int = 32
     max_epochs: int = 400
     patience: int = 30
+
+    def check(self) -> None:
+        super().check()
+        require(self.batch_key is None, "dbm: batch covariates are not modelled; leave batch_key unset")
+        check_at_least(1, n_hidden1=self.n_hidden1, n_hidden2=self.n_hidden2, mean_field_steps=self.mean_field_steps,
+                       gibbs_steps=self.gibbs_steps, n_chains=self.n_chains, posterior_steps=self.posterior_steps)
+        check_at_least(0, pretrain_epochs=self.pretrain_epochs, burn_in=self.burn_in)
+        check_non_negative(threshold=self.threshold)
+        check_positive(init_scale=self.init_scale)
 
 
 def bernoulli(p: torch.Tensor) -> torch.Tensor:
@@ -246,14 +254,6 @@ class DBM(TorchModel):
     kind = "dbm"
     Config = DBMConfig
     output = "binary"
-
-    def __init__(self, config: Any = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        c = self.config
-        if c.batch_key is not None:
-            raise InputError("dbm: batch covariates are not modelled; leave batch_key unset")
-        if min(c.n_hidden1, c.n_hidden2, c.n_chains, c.gibbs_steps, c.posterior_steps) < 1 or c.burn_in < 0:
-            raise InputError("dbm: layer sizes, n_chains, gibbs_steps and posterior_steps must be >= 1, burn_in >= 0")
 
     @property
     def n_latent(self) -> int:

@@ -29,13 +29,12 @@ G(E(x)) differ only through the count sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from scdgm.errors import InputError
+from scdgm.models.base import check_at_least, check_non_negative, check_positive, require
 from scdgm.models.data import Batch, expression_to_counts, log_normalize
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.nn import mlp, with_batch
@@ -66,6 +65,17 @@ class WGANConfig(TrainConfig):
     max_epochs: int = 400
     patience: int = 30
     grad_clip: float | None = None
+
+    def check(self) -> None:
+        super().check()
+        require(self.count_noise in COUNT_NOISE,
+                f"count_noise must be one of {', '.join(COUNT_NOISE)}, got {self.count_noise!r}")
+        check_at_least(1, n_latent=self.n_latent, n_hidden=self.n_hidden, n_layers=self.n_layers,
+                       n_critic=self.n_critic)
+        check_non_negative(gp_weight=self.gp_weight, reconstruction_weight=self.reconstruction_weight)
+        check_positive(target_sum=self.target_sum)
+        require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 def mmd_rbf_torch(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -207,14 +217,6 @@ class WGAN(TorchCountEncoder):
 
     kind = "gan"
     Config = WGANConfig
-
-    def __init__(self, config: Any = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        c = self.config
-        if c.count_noise not in COUNT_NOISE:
-            raise InputError(f"gan: count_noise must be one of {', '.join(COUNT_NOISE)}, got {c.count_noise!r}")
-        if min(c.n_latent, c.n_hidden, c.n_layers, c.n_critic) < 1 or len(c.betas) != 2:
-            raise InputError("gan: n_latent, n_hidden, n_layers and n_critic must be >= 1 and betas a pair")
 
     @property
     def n_latent(self) -> int:

@@ -27,11 +27,23 @@ from scdgm.models.base import (
     EpochCallback,
     GenerativeModel,
     LinearDecoder,
+    ModelConfig,
     Samples,
     Source,
     TrainingHistory,
+    check_at_least,
+    check_positive,
+    check_tensor_shapes,
+    require,
 )
-from scdgm.models.data import CountBatches, expression_to_counts, log_normalize, model_counts, resolve_device
+from scdgm.models.data import (
+    CountBatches,
+    check_device,
+    expression_to_counts,
+    log_normalize,
+    model_counts,
+    resolve_device,
+)
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.training import seed_everything
 
@@ -43,7 +55,7 @@ training cells (FA fits it a ~0 noise) would otherwise dominate the held-out lik
 
 
 @dataclass
-class PCAConfig:
+class PCAConfig(ModelConfig):
     """Hyperparameters of the linear baseline."""
 
     n_latent: int = 10
@@ -56,6 +68,14 @@ class PCAConfig:
     seed: int = 0
     device: str = "auto"
 
+    def check(self) -> None:
+        super().check()
+        require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_at_least(1, n_latent=self.n_latent, max_iter=self.max_iter)
+        check_at_least(0, seed=self.seed)
+        check_positive(target_sum=self.target_sum)
+        check_device(self.device)
+
 
 class PCA(GenerativeModel, LinearDecoder):
     """Probabilistic PCA / factor analysis: closed-form posterior, Gaussian held-out likelihood, Poisson counts."""
@@ -65,10 +85,6 @@ class PCA(GenerativeModel, LinearDecoder):
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
-        if self.config.method not in METHODS:
-            raise InputError(f"pca: method must be one of {', '.join(METHODS)}, got {self.config.method!r}")
-        if self.config.n_latent < 1:
-            raise InputError(f"pca: n_latent must be at least 1, got {self.config.n_latent}")
         self.params: dict[str, torch.Tensor] = {}
 
     @property
@@ -287,4 +303,9 @@ class PCA(GenerativeModel, LinearDecoder):
         return dict(self._require_fitted())
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        n_genes, n_latent = len(self.genes), self.config.n_latent
+        expected = {"mean": [n_genes], "loadings": [n_genes, n_latent], "noise_variance": [n_genes],
+                    "total_variance": [1]}
+        expected.update({f"library_prior.{k}": v.shape for k, v in LibraryPrior(0).state_dict().items()})
+        check_tensor_shapes(expected, tensors)
         self.params = {k: v.to(self.device, torch.float64) for k, v in tensors.items()}

@@ -23,18 +23,22 @@ from scdgm.models.base import (
     Embedding,
     EpochCallback,
     GenerativeModel,
+    ModelConfig,
     Samples,
     Source,
     TrainingHistory,
-    coerce_field_types,
+    check_at_least,
+    check_non_negative,
+    check_positive,
+    check_tensor_shapes,
 )
-from scdgm.models.data import Batch, CountBatches, model_counts, resolve_device
+from scdgm.models.data import Batch, CountBatches, check_device, model_counts, resolve_device
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.training import LoopConfig, fit_module, seed_everything
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelConfig):
     """Hyperparameters every gradient-trained model shares; each model's Config extends this."""
 
     seed: int = 0
@@ -48,8 +52,16 @@ class TrainConfig:
     batch_key: str | None = None
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        coerce_field_types(self)
+    def check(self) -> None:
+        """At least one epoch, positive sizes and rates: zero epochs would save an untrained model."""
+        super().check()
+        check_at_least(0, seed=self.seed)
+        check_at_least(1, max_epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience)
+        check_positive(lr=self.lr)
+        check_non_negative(weight_decay=self.weight_decay)
+        if self.grad_clip is not None:
+            check_positive(grad_clip=self.grad_clip)
+        check_device(self.device)
 
 
 class GenerativeModule(Protocol):
@@ -223,6 +235,7 @@ class TorchModel(GenerativeModel):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         module = self.build_module(len(self.genes), len(self.batch_categories), None)
+        check_tensor_shapes({name: value.shape for name, value in module.state_dict().items()}, tensors)
         module.load_state_dict(tensors)
         self.module = module.to(resolve_device(self.config.device)).eval()
 

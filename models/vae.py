@@ -21,7 +21,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from scdgm.errors import InputError, ScdgmError
-from scdgm.models.base import EpochCallback, LinearDecoder, TrainingHistory
+from scdgm.models.base import (
+    EpochCallback,
+    LinearDecoder,
+    TrainingHistory,
+    check_at_least,
+    check_non_negative,
+    check_rate,
+)
 from scdgm.models.data import Batch, split_mask
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
 from scdgm.models.nn import mlp, with_batch
@@ -50,15 +57,13 @@ class VAEConfig(TrainConfig):
     kl_warmup_fraction: float = 0.3
     n_importance: int = 50
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         check_architecture(self.n_latent, self.n_hidden, self.n_layers, self.dropout)
         if not 0.0 <= self.kl_warmup_fraction <= 1.0:
             raise ScdgmError(f"kl_warmup_fraction must be in [0, 1], got {self.kl_warmup_fraction}")
-        if self.beta < 0:
-            raise ScdgmError(f"beta must be non-negative, got {self.beta}")
-        if self.n_importance < 1:
-            raise ScdgmError(f"n_importance must be at least 1, got {self.n_importance}")
+        check_non_negative(beta=self.beta)
+        check_at_least(1, n_importance=self.n_importance)
         if self.dispersion == "gene-batch" and self.batch_key is None:
             raise ScdgmError("dispersion='gene-batch' needs a batch covariate: set batch_key")
 
@@ -72,10 +77,8 @@ class LDVAEConfig(VAEConfig):
 
 def check_architecture(n_latent: int, n_hidden: int, n_layers: int, dropout: float) -> None:
     """Reject sizes and rates no network can have, with the offending value."""
-    if n_latent < 1 or n_hidden < 1 or n_layers < 1:
-        raise ScdgmError(f"n_latent, n_hidden and n_layers must be at least 1, got {n_latent}, {n_hidden}, {n_layers}")
-    if not 0.0 <= dropout < 1.0:
-        raise ScdgmError(f"dropout must be in [0, 1), got {dropout}")
+    check_at_least(1, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers)
+    check_rate(dropout=dropout)
 
 
 class Encoder(nn.Module):

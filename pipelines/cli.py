@@ -1,7 +1,9 @@
 """The `scdgm` command line: one Typer app; each command lives in the module named after its job.
 
 `main` runs the app and turns every user error into a one-line message with exit code 2 (an unexpected
-error gives one line and exit 1; set SCDGM_DEBUG=1 for the traceback). The global `--project DIR` names the
+error gives one line and exit 1; set SCDGM_DEBUG=1 for the traceback). SIGINT and SIGTERM raise
+`scdgm.errors.Terminated`, so every command cleans up on the way out (MLflow runs end KILLED, staging folders
+and Ray go) and exits 130 or 143 with one line. The global `--project DIR` names the
 project folder; it travels to subprocesses (Ray trials, DVC stages) as $SCDGM_PROJECT.
 """
 from __future__ import annotations
@@ -11,8 +13,12 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -23,7 +29,7 @@ import typer.core
 # Spinning OpenMP threads make 2-thread torch 25-50x slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scdgm.errors import ScdgmError  # noqa: E402
+from scdgm.errors import ScdgmError, Terminated  # noqa: E402
 from scdgm.project import PROJECT_ENV, use_project  # noqa: E402
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -133,6 +139,28 @@ def project_option(
         use_project(project)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGINT and SIGTERM raise `Terminated`; the previous handlers
+    come back afterwards (tests call `main` in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -141,7 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore", FutureWarning)
     debug = os.environ.get("SCDGM_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        with stop_on_signals():
+            code = app(args=argv, standalone_mode=False)
+    except Terminated as exc:
+        if debug:
+            raise
+        typer.echo(f"scdgm: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except (typer.Exit, click.exceptions.Exit) as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, click.exceptions.Abort):
@@ -160,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"internal error: {exc.__class__.__name__}: {exc} (set SCDGM_DEBUG=1 for details)", err=True)
         sys.exit(1)
+    if isinstance(code, int) and code:  # without standalone mode Typer returns an Exit's code (Ctrl+C: 130)
+        if code == 130:
+            typer.echo("scdgm: stopped by SIGINT", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,18 @@
 - `--history` (<project>/reports/history.csv): the per-epoch losses and learning rate — for `dvc plots show`;
 - `--figures` (<project>/reports/figures/): loss curves and the test cells' latent space as PNG.
 
-When the model was trained as an MLflow run (its mlflow_run.json), the metrics (prefixed `<split>_`) and the
-figures are added to that run.
+With an explanation, `<split>.label_accuracy` is the accuracy of the labels the served model returns (the
+explanation's pattern → label transfer) on the held-out cells. `evaluated_on` fingerprints those cells (the data's
+md5 and the split's cell names) and names the model's and the explanation's runs, so registration compares models
+only on the same cells.
+
+When the model was trained as an MLflow run (its mlflow_run.json), the evaluation is a run of its own (role
+`evaluate`), nested under the training run: metrics (prefixed `<split>_`), the cells' fingerprint and the files.
+The training run is left as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -19,17 +26,19 @@ import typer
 
 from scdgm.errors import ScdgmError
 from scdgm.files import write_json_atomic, write_text_atomic
-from scdgm.formats import EXPLANATION_FILE, RUN_RECORD, is_model_directory
+from scdgm.formats import EXPLANATION_FILE, REFERENCE_FILE, RUN_RECORD, is_model_directory
+from scdgm.interpret.label_transfer import LabelReference, transfer_accuracy
 from scdgm.interpret.plots import latent_scatter
 from scdgm.models import load_model
 from scdgm.models.base import GenerativeModel
-from scdgm.models.data import split_mask
+from scdgm.models.data import model_counts, split_mask
 from scdgm.pipelines import tracking
 from scdgm.pipelines.io import read_counts
 from scdgm.pipelines.pyfunc import explanation_folder
 from scdgm.project import REPORTS, project_path
 
 if TYPE_CHECKING:
+    import anndata as ad
     import pandas as pd
 
 LOSS_PREFIXES = ("train_", "validation_")
@@ -54,6 +63,33 @@ def explanation_summary(folder: Path | None) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             summary[name] = float(value)
     return summary
+
+
+def label_accuracy(folder: Path | None, model: GenerativeModel, cells: ad.AnnData) -> dict[str, float]:
+    """`label_accuracy`: share of `cells` whose label, transferred from their pattern as serving does, is their
+    own (none without an explanation with labels, or without those labels in obs)."""
+    path = folder / REFERENCE_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    reference = json.loads(path.read_text())
+    key = reference.get("label_key")
+    if not key or key not in cells.obs:
+        return {}
+    patterns = LabelReference.from_dict(reference["label_transfer"])
+    predicted = patterns.transfer(patterns.pattern_bits(model_counts(cells, model.genes)))["label"]
+    return {"label_accuracy": transfer_accuracy(predicted, cells.obs[key].astype(str)).overall}
+
+
+def cells_fingerprint(data: Path, adata: ad.AnnData, split: str) -> str:
+    """A short hash of the evaluated cells: the data file's md5 (DVC's when recorded) and the split's cell names."""
+    md5 = tracking.dataset_lineage(data, *adata.shape).md5
+    names = adata.obs_names[split_mask(adata, split)]
+    return hashlib.sha256("\n".join([md5, split, *map(str, names)]).encode()).hexdigest()[:16]
+
+
+def _run_id(folder: Path | None) -> str | None:
+    """The run recorded in a model directory or explanation folder, if any."""
+    return tracking.RunRecord.read(folder).run_id if folder is not None and (folder / RUN_RECORD).is_file() else None
 
 
 def history_frame(model: GenerativeModel) -> pd.DataFrame:
@@ -102,11 +138,15 @@ def evaluate(
     cells = split_mask(adata, split)
     if not cells.any():
         raise ScdgmError(f"{data}: no cells in split {split!r}")
-    metrics = model.evaluate(adata, split)
+    folder = explanation_folder(model_dir, explanation)
+    metrics = model.evaluate(adata, split) | label_accuracy(folder, model, adata[cells])
     document: dict[str, Any] = {split: metrics, "n_cells": int(cells.sum())}
-    summary = explanation_summary(explanation_folder(model_dir, explanation))
+    summary = explanation_summary(folder)
     if summary:
         document["explanation"] = summary
+    evaluated_on = {"split": split, "cells": cells_fingerprint(data, adata, split),
+                    "model_run_id": _run_id(model_dir), "explanation_run_id": _run_id(folder)}
+    document["evaluated_on"] = {k: v for k, v in evaluated_on.items() if v is not None}
     write_json_atomic(out, document)
     written = [out]
     frame = history_frame(model)
@@ -121,18 +161,13 @@ def evaluate(
             latent_scatter(model.embed(heldout, key_added=None).mean, labels, figures / "latent_test.png", title=f"{model.kind}: {split} cells")
         )
     if (model_dir / RUN_RECORD).is_file():
-        _log_to_run(model_dir, {f"{split}_{k}": v for k, v in metrics.items()} | summary, written)
+        record = tracking.RunRecord.read(model_dir)
+        with tracking.linked_run(record, "evaluate", {tracking.TAG_KIND: model.kind}) as (client, run_id):
+            tracking.log_params(client, run_id, {"evaluated_on": document["evaluated_on"]})
+            tracking.log_metrics(client, run_id, {f"{split}_{k}": v for k, v in metrics.items()} | summary)
+            for path in written:
+                client.log_artifact(run_id, str(path), artifact_path="evaluation")
     return document
-
-
-def _log_to_run(model_dir: Path, metrics: dict[str, float], files: list[Path]) -> None:
-    """Add the evaluation to the MLflow run that trained the model."""
-    record = tracking.RunRecord.read(model_dir)
-    tracking.ensure_reachable(record.tracking_uri)
-    mlflow_client = tracking.client(record.tracking_uri)
-    tracking.log_metrics(mlflow_client, record.run_id, metrics)
-    for path in files:
-        mlflow_client.log_artifact(record.run_id, str(path), artifact_path="evaluation")
 
 
 def evaluate_command(
@@ -149,6 +184,7 @@ def evaluate_command(
     history = history or project_path(REPORTS, "history.csv")
     figures = figures or project_path(REPORTS, "figures")
     document = evaluate(model, data, split, out, history, figures, explanation)
-    shown = {k: v for k, v in document[split].items() if k in ("nll_elbo", "knn_accuracy", "silhouette", "mmd_prior")}
+    shown = {k: v for k, v in document[split].items()
+             if k in ("nll_elbo", "knn_accuracy", "silhouette", "mmd_prior", "label_accuracy")}
     shown |= {k: v for k, v in document.get("explanation", {}).items() if k == "label_transfer_accuracy"}
     typer.echo(f"wrote {out}: {document['n_cells']} {split} cells; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

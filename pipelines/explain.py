@@ -1,5 +1,10 @@
 """`scdgm explain`: the log-linear explanation of a trained model on prepared cells, written next to the model
-(or where --out says) and summarised on the terminal."""
+(or where --out says) and summarised on the terminal.
+
+When the model was trained as an MLflow run, the explanation becomes a run of its own (role `explain`), nested
+under the training run and tagged with its id: its settings, data lineage, headline numbers and files. The
+folder keeps a record of that run (mlflow_run.json), so evaluation and registration link to it; explaining
+again with other settings makes another run and leaves the training run as it was."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +13,12 @@ from typing import Annotated, Any
 import typer
 
 from scdgm.errors import ScdgmError
-from scdgm.formats import EXPLANATION_DIR
+from scdgm.formats import EXPLANATION_DIR, RUN_RECORD
 from scdgm.interpret.explain import ExplainSettings, run_explanation
 from scdgm.models import load_model
+from scdgm.pipelines import tracking
 from scdgm.pipelines.config import apply_overrides, load_params
+from scdgm.pipelines.evaluate import explanation_summary
 from scdgm.pipelines.io import read_counts
 from scdgm.project import project_path
 
@@ -44,6 +51,23 @@ def explain_command(
     adata = read_counts(data)
     report = run_explanation(fitted, adata, out or model / EXPLANATION_DIR, settings)
     typer.echo(summary(report))
+    if (model / RUN_RECORD).is_file():
+        run_id = log_explanation(tracking.RunRecord.read(model), report, data, adata.shape)
+        typer.echo(f"logged as MLflow run {run_id}, linked to the model's run")
+
+
+def log_explanation(model_record: tracking.RunRecord, report: dict[str, Any], data: Path, shape: tuple[int, int]) -> str:
+    """Log the explanation `report` (as written, with its folder under 'directory') as its own run linked to
+    the model's run: settings as params, data lineage, headline numbers as metrics, the files as artifacts under
+    explanation/. Records that run in the folder and returns its id."""
+    folder = Path(report["directory"])
+    with tracking.linked_run(model_record, "explain", {tracking.TAG_KIND: report["model"]["kind"]}) as (client, run_id):
+        tracking.log_params(client, run_id, {"explain": report["settings"]})
+        tracking.log_params(client, run_id, tracking.dataset_lineage(data, *shape).params())
+        tracking.log_metrics(client, run_id, explanation_summary(folder))
+        tracking.log_folder_files(client, run_id, folder, EXPLANATION_DIR)
+        tracking.RunRecord(model_record.tracking_uri, client.get_run(run_id).info.experiment_id, run_id).write(folder)
+    return run_id
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ obs['cell_type'], the split in obs['split'] (train/validation/test) and the line
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,7 +22,18 @@ if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
 
+logger = logging.getLogger(__name__)
+
 SPLITS = ("train", "validation", "test")
+SETTING_MINIMUMS = (  # (setting, least value, may be null)
+    ("n_top_genes", 1, False),
+    ("min_genes", 0, False),
+    ("max_genes", 1, True),
+    ("min_cells", 0, False),
+    ("n_pcs", 1, False),
+    ("n_neighbors", 2, False),
+)
+CLI_NAMES = {"n_top_genes": " (--n-top-genes)"}
 DEFAULTS: dict[str, Any] = default_section("prepare")
 """The packaged params.yaml's `prepare:` section: what `prepare()` uses for every setting not given."""
 
@@ -36,10 +48,39 @@ def resolve_settings(params: dict[str, Any]) -> dict[str, Any]:
         raise ScdgmError(f"prepare.split must map {', '.join(SPLITS)} to fractions, got {split!r}")
     settings = {**DEFAULTS, **params, "split": {**DEFAULTS["split"], **split}}
     split = settings["split"]
+    if not all(_is_number(split[s]) for s in SPLITS):
+        raise ScdgmError(f"prepare.split fractions must be numbers, got {split!r}")
     fractions = np.array([float(split[s]) for s in SPLITS])
     if (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
         raise ScdgmError(f"prepare.split fractions must be >= 0 and sum to 1, got {split!r}")
+    for key, minimum, optional in SETTING_MINIMUMS:
+        value = settings[key]
+        if not (value is None and optional) and not (_is_number(value, integer=True) and value >= minimum):
+            allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+            raise ScdgmError(f"prepare.{key}{CLI_NAMES.get(key, '')} must be {allowed}, got {value!r}")
+    mito, resolution = settings["max_mito_fraction"], settings["leiden_resolution"]
+    if mito is not None and not (_is_number(mito) and 0 <= mito <= 1):
+        raise ScdgmError(f"prepare.max_mito_fraction must be in [0, 1] or null, got {mito!r}")
+    if not (_is_number(resolution) and 0 < resolution < np.inf):
+        raise ScdgmError(f"prepare.leiden_resolution must be a positive number, got {resolution!r}")
+    if settings["label_key"] is not None and not isinstance(settings["label_key"], str):
+        raise ScdgmError(f"prepare.label_key must be an obs column name or null, got {settings['label_key']!r}")
     return settings
+
+
+def _is_number(value: Any, integer: bool = False) -> bool:
+    """A real number (an integer when `integer`), not a bool or text."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def check_gene_budget(n_top_genes: int, n_genes: int) -> None:
+    """More highly variable genes than the input has genes is a request that cannot be met: refuse it."""
+    if n_top_genes > n_genes:
+        raise InputError(
+            f"--n-top-genes / prepare.n_top_genes asks for {n_top_genes} highly variable genes but the input has "
+            f"only {n_genes} genes; ask for at most {n_genes}"
+        )
 
 
 def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> ad.AnnData:
@@ -85,10 +126,13 @@ def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> ad.AnnData:
 
 
 def flag_variable_genes(adata: ad.AnnData, n_top_genes: int) -> None:
-    """Set var['highly_variable'] (Seurat v3 flavour on raw counts); every gene when there are too few."""
+    """Set var['highly_variable'] (Seurat v3 flavour on raw counts); every gene, with a warning when QC left fewer
+    than asked for."""
     import scanpy as sc
 
     if adata.n_vars <= n_top_genes:
+        if adata.n_vars < n_top_genes:
+            logger.warning("only %d genes pass QC, fewer than n_top_genes=%d: keeping them all", adata.n_vars, n_top_genes)
         adata.var["highly_variable"] = True
         return
     sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes)
@@ -134,9 +178,10 @@ def prepare(
         columns = ", ".join(map(str, adata.obs.columns)) or "none"
         raise InputError(f"label column {label_key!r} not in obs (columns: {columns})")
     validate_counts(adata, allow_non_integer=allow_non_integer)
+    check_gene_budget(settings["n_top_genes"], adata.n_vars)
     n_in = adata.shape
     result = quality_control(adata, settings)
-    flag_variable_genes(result, int(settings["n_top_genes"]))
+    flag_variable_genes(result, settings["n_top_genes"])
     if label_key is None:
         annotate_by_markers(
             result,
@@ -169,7 +214,8 @@ def prepare_command(
     raw: Annotated[Path, typer.Option("--input", help="Raw counts (.h5ad, 10x .h5/.mtx folder, csv/tsv...).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the prepared .h5ad.")],
     n_top_genes: Annotated[
-        int | None, typer.Option(min=1, help="Highly variable genes to keep [default: params.yaml prepare.n_top_genes].")
+        int | None,
+        typer.Option(help="Highly variable genes to keep, at least 1 [default: params.yaml prepare.n_top_genes]."),
     ] = None,
     label_key: Annotated[
         str | None, typer.Option(help="obs column with cell labels; none = annotate PBMC by markers.")

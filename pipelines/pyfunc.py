@@ -124,7 +124,7 @@ def log_pyfunc(model_dir: str | Path, name: str = "model", explanation: str | Pa
         staged = Path(staging) / MODEL_DIR_ARTIFACT
         shutil.copytree(model_dir, staged, ignore=shutil.ignore_patterns(RUN_RECORD, EXPLANATION_DIR))
         if attached is not None:
-            shutil.copytree(attached, staged / EXPLANATION_DIR)
+            shutil.copytree(attached, staged / EXPLANATION_DIR, ignore=shutil.ignore_patterns(RUN_RECORD))
             explainer = Explainer.load(staged)
             model, columns = explainer.model, ["pattern"] + (["label"] if explainer.label_key else [])
         else:

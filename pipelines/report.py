@@ -71,9 +71,13 @@ def build_report(reports: Path, params: dict[str, Any]) -> str:
     lines += ["Optuna dashboard:", f"  optuna-dashboard {storage} --port 8080   # then open http://127.0.0.1:8080"]
     registered = _read_json(reports / "registered.json")
     if registered:
+        lines += ["Registered model:", f"  {registered['name']} version {registered['version']}"
+                  + (f" ({registered['candidate_uri']})" if registered.get("candidate_uri") else "")]
+        if registered.get("decision"):
+            moved = "moved to" if registered.get("promoted") else "stays on"
+            lines.append(f"  {registered['model_uri']} {moved} version {registered['champion_version']}: "
+                         f"{registered['decision']['reason']}")
         lines += [
-            "Registered model:",
-            f"  {registered['name']} version {registered['version']} ({registered['model_uri']})",
             "Serve it:",
             f"  scdgm serve --model-uri {registered['model_uri']}",
         ]

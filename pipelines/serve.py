@@ -1,15 +1,22 @@
 """`scdgm serve`: the HTTP endpoint for a model (directory, registry alias/version or run), with uvicorn
 (one process, or N worker processes) or as a Ray Serve deployment with R replicas.
+
+SIGINT and SIGTERM shut the server down gracefully (requests in flight finish), then the command ends with
+`Terminated` (exit 130 / 143): uvicorn raises the signal again after its shutdown, and its multi-worker
+supervisor, which would return silently, is `Supervisor`, which remembers the signal.
 """
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from scdgm.errors import Terminated
 from scdgm.serving import ray_deployment
 from scdgm.serving.app import create_app
 from scdgm.serving.resolve import resolve_model
@@ -17,6 +24,31 @@ from scdgm.serving.service import ModelService
 from scdgm.serving.settings import SETTINGS_ENV, ServeSettings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, remembering the signal that stopped it."""
+
+    stopped_by: int | None = None
+
+    def handle_int(self) -> None:
+        self.stopped_by = signal.SIGINT
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.stopped_by = signal.SIGTERM
+        super().handle_term()
+
+
+def serve_workers(settings: ServeSettings, options: dict[str, object]) -> None:
+    """Serve with `settings.workers` uvicorn worker processes (as `uvicorn.run(..., workers=N)` does), each
+    building the app from the settings in the environment; raise `Terminated` once a signal stopped them."""
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    config = uvicorn.Config("scdgm.serving.app:app_from_environment", factory=True, workers=settings.workers, **options)
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if supervisor.stopped_by is not None:
+        raise Terminated(supervisor.stopped_by)
 
 
 def serve_command(
@@ -61,5 +93,4 @@ def serve_command(
         uvicorn.run(create_app(settings, service), **options)
         return
     del service  # each worker process loads its own copy
-    os.environ[SETTINGS_ENV] = settings.to_json()
-    uvicorn.run("scdgm.serving.app:app_from_environment", factory=True, workers=workers, **options)
+    serve_workers(settings, options)

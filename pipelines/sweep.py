@@ -9,6 +9,17 @@ again, so it is not restarted); trials that were running when the sweep was inte
 epoch 0 with the same configuration and seed, in a fresh MLflow run that replaces the interrupted one. A
 trial that finished in the instant before the interruption, before Ray recorded it, is not trained again:
 it replays its recorded per-epoch metrics to Ray Tune and keeps its MLflow run.
+
+Stopping: Ctrl+C (SIGINT) or SIGTERM stops Ray Tune as its own Ctrl+C handling does (its state saved for
+--resume); then Ray is shut down, trial runs still open and the sweep run end KILLED and Optuna trials still
+RUNNING end FAIL (a resumed trial continues in a new Optuna trial with the same parameters).
+
+Links: each Optuna trial carries its MLflow run id (user attr `mlflow_run_id`) and each trial run its Optuna
+trial number (tag `optuna.trial_number`); the study's objective is named after the metric.
+
+Figures: Optuna's history plot needs HISTORY_MIN_COMPLETED completed trials and the importance plot
+IMPORTANCE_MIN_COMPLETED (importances come from completed trials only; pruned ones stopped early and are not
+comparable); with fewer, no file is written and a one-line note goes to best.json and comparison.md.
 """
 from __future__ import annotations
 
@@ -17,7 +28,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -35,18 +48,31 @@ from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
 from scdgm.defaults import default_section
-from scdgm.errors import ScdgmError
-from scdgm.files import write_json_atomic, write_text_atomic
+from scdgm.errors import ScdgmError, Terminated
+from scdgm.files import write_json_atomic, write_text_atomic, write_with
 from scdgm.pipelines import tracking
 from scdgm.pipelines.train import save_model_dir, train_model
 from scdgm.project import RAY_RESULTS, REPORTS, optuna_storage, project_path
+from scdgm.stores import normalize_database_url
 
 if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
 
+    from scdgm.models.base import EpochCallback
+
 SWEEP_RECORD = "sweep.json"
 """File in the sweep's Ray folder naming its parent MLflow run, so --resume continues the same run."""
+RUN_ID_KEY = "mlflow_run_id"
+"""Key of the trial's MLflow run id in what a trial reports to Ray Tune, and the Optuna trial's user attr."""
+RAY_TRIAL_KEY = "ray_trial_id"
+"""The Optuna trial's user attr naming its Ray trial (set when suggested, before the trial runs)."""
+TAG_OPTUNA_TRIAL = "optuna.trial_number"
+"""Tag of a trial run: the number of its Optuna trial in the model's study."""
+HISTORY_MIN_COMPLETED = 2
+"""Completed trials needed for the optimisation-history plot (one dot is no history)."""
+IMPORTANCE_MIN_COMPLETED = 4
+"""Completed trials needed for the importance plot: fANOVA on fewer gives every parameter the same share."""
 
 
 @dataclass
@@ -75,6 +101,9 @@ class SweepSettings:
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     address: str | None = None
     num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        self.storage = normalize_database_url(self.storage)
 
     @property
     def sweep_dir(self) -> Path:
@@ -169,29 +198,36 @@ class TrialPruned(Exception):
     """Ray stopped the trial (ASHA pruned it): training ends at once, without the final evaluation."""
 
 
-def report_to_tune(epoch: int, metrics: dict[str, float]) -> None:
-    """Epoch callback reporting to Ray Tune; Ray answers a stop decision with SystemExit inside
-    `tune.report`, which becomes TrialPruned so the trial can close its run before exiting."""
-    try:
-        tune.report(dict(metrics))
-    except SystemExit:
-        raise TrialPruned(f"pruned after epoch {epoch + 1}") from None
+def tune_reporter(run_id: str) -> EpochCallback:
+    """Epoch callback reporting to Ray Tune, with the trial's MLflow run id (the driver links the Optuna trial
+    to it); Ray answers a stop decision with SystemExit inside `tune.report`, which becomes TrialPruned so
+    the trial can close its run before exiting."""
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        try:
+            tune.report({**metrics, RUN_ID_KEY: run_id})
+        except SystemExit:
+            raise TrialPruned(f"pruned after epoch {epoch + 1}") from None
+
+    return report
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One Ray Tune trial: load the data by path, train with a per-epoch `tune.report` (ASHA prunes by it)
     and per-epoch MLflow logging, then log the final metrics. The run ends FINISHED (tagged
-    `scdgm.pruned`), or FAILED when training raises (e.g. TrainingDiverged), which also fails the trial."""
+    `scdgm.pruned`), FAILED when training raises (e.g. TrainingDiverged), which also fails the trial, or
+    KILLED when Ray stops the worker."""
     import anndata as ad
     import torch
 
     torch.set_num_threads(max(1, setup.threads))
     trial_id = tune.get_context().get_trial_id()
     mlflow_client, earlier = trial_runs(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, trial_id)
-    finished = [r for r in earlier if r.info.status == "FINISHED"]
-    if finished:  # it ended just before an interruption, unnoticed by Ray: replay it rather than train again
+    # A run that ended just before an interruption, unnoticed by Ray, is replayed rather than trained again;
+    # one tagged pruned may have been stopped by the interruption itself (Ray stops it the same way): redone.
+    finished = [r for r in earlier if r.info.status == "FINISHED" and r.data.tags.get(tracking.TAG_PRUNED) != "true"]
+    if finished:
         for metrics in recorded_epochs(mlflow_client, finished[0]):
-            tune.report(metrics)
+            tune.report({**metrics, RUN_ID_KEY: finished[0].info.run_id})
         return
     for run in earlier:  # an attempt interrupted with the sweep: it starts over
         mlflow_client.delete_run(run.info.run_id)
@@ -215,7 +251,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         uri=setup.tracking_uri,
     ) as run:
         try:
-            _, metrics = train_model(setup.kind, adata, params, callbacks=(run.epoch_callback, report_to_tune))
+            callbacks = (run.epoch_callback, tune_reporter(run.run_id))
+            _, metrics = train_model(setup.kind, adata, params, callbacks=callbacks)
             tracking.log_final_metrics(run.client, run.run_id, metrics)
             pruned = False
         except TrialPruned:
@@ -253,7 +290,9 @@ RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", 
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Join the Ray cluster at `address`, or start a private local Ray (own short temp dir, no dashboard);
-    reuse Ray when the caller already started it. Shuts down only what it started."""
+    reuse Ray when the caller already started it. Shuts down only what it started (its temp dir too), also
+    when a signal stops the sweep; a SIGTERM handler set before (the CLI's) stays in place, where ray.init
+    would put its own (exit at once, no clean-up)."""
     for key, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -265,19 +304,33 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         "log_to_driver": False,
     }
     temp_dir = None
-    if address:
-        ray.init(address=address, **options)
-    else:
-        temp_dir = tempfile.mkdtemp(prefix="scdgm-ray-", dir="/tmp")  # unix socket paths must stay short
-        ray.init(
-            num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False, _temp_dir=temp_dir, **options
-        )
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            temp_dir = tempfile.mkdtemp(prefix="scdgm-ray-", dir="/tmp")  # unix socket paths must stay short
+            ray.init(
+                num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False, _temp_dir=temp_dir,
+                **options,
+            )
+        if sigterm not in (signal.SIG_DFL, signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
         yield
     finally:
         ray.shutdown()
         if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            remove_folder(temp_dir)
+
+
+def remove_folder(path: str, seconds: float = 10.0) -> None:
+    """Remove folder `path`, trying again while Ray's exiting processes still write their last logs into it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def check_resources(settings: SweepSettings) -> None:
@@ -293,7 +346,35 @@ def check_resources(settings: SweepSettings) -> None:
 
 # --- one model's sweep --------------------------------------------------------------------------------
 class SweepInterrupted(ScdgmError):
-    """The sweep stopped before every trial ended (e.g. Ctrl+C); `--resume` continues it."""
+    """The sweep stopped before every trial ended (Ctrl+C or SIGTERM: `signum`); `--resume` continues it."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def _sigterm_stops_tune() -> Iterator[list[int]]:
+    """While Ray Tune runs, SIGTERM stops it as Ctrl+C does, through the SIGINT handler in place: Tune's (it
+    saves the sweep's state for --resume), or after a first signal the one before it (the CLI's raises
+    Terminated). Yields the list of signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if handler in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise Terminated(signum)
+        handler(signum, frame)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -317,26 +398,32 @@ class ModelOutcome:
 
 @dataclass
 class SweepOutcome:
-    """The whole sweep: its MLflow run, each model's outcome, the output folder and the wall time."""
+    """The whole sweep: its MLflow run, each model's outcome, the output folder, the wall time and one-line
+    notes (e.g. a plot left out for too few completed trials)."""
 
     name: str
     parent_run_id: str
     models: dict[str, ModelOutcome]
     out: str
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna what happened to each trial: PRUNED when ASHA stopped it (Ray reports
     such a trial complete, with its last value), else COMPLETE with its best epoch's value (the model keeps
-    its best epoch), so TPE and optuna-dashboard see the truth.
+    its best epoch), so TPE and optuna-dashboard see the truth. It links each Optuna trial and the trial's
+    MLflow run both ways (the run id arrives with the trial's results), and a trial restarted by --resume
+    whose Optuna trial was failed at the interruption continues in a new Optuna trial with its parameters.
 
     A stopped trial is recognised by its last result: Ray hands the result that made the scheduler stop the
     trial to `on_trial_complete` only, never to `on_trial_result`."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, setup: TrialSetup, **kwargs: Any) -> None:
         self.best_values: dict[str, float] = {}
         self.last_iterations: dict[str, int] = {}
+        self.runs = (setup.tracking_uri, setup.experiment_id, setup.parent_run_id)  # where the trial runs are
+        self.linked: dict[str, int] = {}  # Ray trial id -> the Optuna trial number its MLflow run is tagged with
         super().__init__(**kwargs)
 
     def _record(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -345,17 +432,57 @@ class PruningAwareOptunaSearch(OptunaSearch):
             self.best_values[trial_id] = min(value, self.best_values.get(trial_id, math.inf))
         self.last_iterations[trial_id] = int(result.get("training_iteration", 0))
 
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_KEY, trial_id)
+        return config
+
+    def _link(self, trial_id: str, run_id: str | None = None) -> None:
+        """Optuna trial -> MLflow run (user attr) and MLflow run -> Optuna trial number (tag), once per pair.
+        The run id comes with the trial's results; without one (a trial that failed before reporting) it is
+        looked up by the Ray trial id."""
+        ot_trial = self._ot_trials[trial_id]
+        if self.linked.get(trial_id) == ot_trial.number:
+            return
+        if not run_id:
+            found = trial_runs(*self.runs, trial_id)[1]
+            if not found:
+                return
+            run_id = found[0].info.run_id
+        try:
+            ot_trial.set_user_attr(RUN_ID_KEY, run_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed at an interruption; a report revives it
+            return
+        tracking.client(self.runs[0]).set_tag(run_id, TAG_OPTUNA_TRIAL, str(ot_trial.number))
+        self.linked[trial_id] = ot_trial.number
+
+    def _report(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Report an intermediate value; a trial failed at an interruption gets a new Optuna trial first."""
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            previous = self._ot_trials[trial_id]
+            self._ot_study.enqueue_trial(
+                previous.params, user_attrs={"resumes_trial": previous.number, RAY_TRIAL_KEY: trial_id}
+            )
+            self._ot_trials[trial_id] = self._ot_study.ask()
+            self._space(self._ot_trials[trial_id])  # the enqueued parameters, recorded
+            super().on_trial_result(trial_id, result)
+        self._link(trial_id, result.get(RUN_ID_KEY))
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        super().on_trial_result(trial_id, result)
+        self._report(trial_id, result)
         self._record(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._link(trial_id, (result or {}).get(RUN_ID_KEY))
         if error or not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
             super().on_trial_complete(trial_id, result, error)
             return
         stopped = int(result.get("training_iteration", 0)) > self.last_iterations.get(trial_id, 0)
         if stopped:
-            super().on_trial_result(trial_id, result)  # the value that got it pruned, as an intermediate value
+            self._report(trial_id, result)  # the value that got it pruned, as an intermediate value
         self._record(trial_id, result)
         ot_trial = self._ot_trials[trial_id]
         if stopped:
@@ -367,17 +494,24 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def _searcher(settings: SweepSettings, kind: str) -> OptunaSearch:
-    with warnings.catch_warnings():  # multivariate TPE is flagged experimental
+def _searcher(settings: SweepSettings, kind: str, setup: TrialSetup) -> OptunaSearch:
+    """The Optuna searcher of `kind`'s study, created here (or loaded) with its objective named."""
+    storage = optuna.storages.RDBStorage(settings.storage)
+    with warnings.catch_warnings():  # multivariate TPE and metric names are flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+        study = optuna.create_study(
+            storage=storage, study_name=settings.study_name(kind), direction="minimize", load_if_exists=True
+        )
+        study.set_metric_names([settings.metric])
     return PruningAwareOptunaSearch(
+        setup=setup,
         space=SearchSpace(settings.spaces[kind], settings.seed),
         metric=settings.metric,
         mode="min",
         sampler=sampler,
         study_name=settings.study_name(kind),
-        storage=optuna.storages.RDBStorage(settings.storage),
+        storage=storage,
         points_to_evaluate=[dict(p) for p in settings.points_to_evaluate] or None,
     )
 
@@ -412,7 +546,7 @@ def _tuner(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) 
         tune_config=tune.TuneConfig(
             metric=settings.metric,
             mode="min",
-            search_alg=_searcher(settings, kind),
+            search_alg=_searcher(settings, kind, setup),
             scheduler=scheduler,
             num_samples=settings.num_samples,
             max_concurrent_trials=settings.max_concurrent,
@@ -453,15 +587,22 @@ def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: b
     """Run (or resume) the sweep of one model and pick its best successful trial; raise SweepInterrupted
     (after closing the open trial runs as KILLED) when it stopped before every trial ended."""
     started = time.perf_counter()
-    results = _tuner(settings, kind, setup, resume).fit()
+    with _sigterm_stops_tune() as received:
+        results = _tuner(settings, kind, setup, resume).fit()
     trials = results._experiment_analysis.trials  # noqa: SLF001 - the only view of each trial's status
     unfinished = [t for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)]
     if unfinished or len(trials) < settings.num_samples:
         closer = CloseTrialRuns(setup.tracking_uri, setup.experiment_id, setup.parent_run_id)
         for trial in unfinished:
             closer.close(trial, "KILLED")
-        done = len(trials) - len(unfinished)
-        raise SweepInterrupted(f"sweep {settings.name!r} ({kind}) interrupted after {done} of {settings.num_samples} trials")
+        study = optuna.load_study(study_name=settings.study_name(kind), storage=settings.storage)
+        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        signum = received[0] if received else signal.SIGINT  # Tune itself handles SIGINT
+        raise SweepInterrupted(
+            f"sweep {settings.name!r} ({kind}) stopped by {signal.Signals(signum).name} after {done} of "
+            f"{settings.num_samples} trials",
+            signum,
+        )
     best, best_value = None, math.inf
     for result in results:
         frame = result.metrics_dataframe
@@ -485,16 +626,45 @@ def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: b
     )
 
 
-def _fail_orphan_optuna_trials(settings: SweepSettings, kind: str) -> None:
-    """Mark Optuna trials still RUNNING once the sweep ended (suggested, then lost to an interruption) FAIL."""
-    study = optuna.load_study(study_name=settings.study_name(kind), storage=settings.storage)
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+def _fail_orphan_optuna_trials(settings: SweepSettings) -> list[str]:
+    """Mark the sweep's Optuna trials still RUNNING once it ended (suggested, then never run or lost to an
+    interruption) FAIL; returns their Ray trial ids (Ray stops an interrupted trial as ASHA does, so its run
+    may have closed FINISHED, as pruned)."""
+    wanted = {settings.study_name(k) for k in settings.models}
+    trial_ids = []
+    for summary in optuna.get_all_study_summaries(settings.storage, include_best_trial=False):
+        if summary.study_name not in wanted:
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=settings.storage)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            if RAY_TRIAL_KEY in trial.user_attrs:
+                trial_ids.append(str(trial.user_attrs[RAY_TRIAL_KEY]))
+    return trial_ids
 
 
-def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> list[Path]:
-    """Optimisation history, per-epoch curves and parameter importances of `kind`'s study as PNG files (those
-    that can be drawn)."""
+def _plot_gaps(study: optuna.Study) -> dict[str, str]:
+    """Why a plot of `study` would mislead (plot name -> reason); absent names can be drawn."""
+    trials = study.get_trials(deepcopy=False)
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    counted = f"{len(completed)} of {len(trials)} trials completed (the others were pruned or failed)"
+    gaps = {}
+    if len(completed) < HISTORY_MIN_COMPLETED:
+        gaps["history"] = f"{counted}; it needs {HISTORY_MIN_COMPLETED}"
+    if not any(t.intermediate_values for t in trials):
+        gaps["curves"] = "no trial reported a per-epoch value"
+    varied = {name for name in {n for t in completed for n in t.params} if len({repr(t.params.get(name)) for t in completed}) > 1}
+    if len(completed) < IMPORTANCE_MIN_COMPLETED:
+        gaps["importance"] = f"{counted}; it needs {IMPORTANCE_MIN_COMPLETED}"
+    elif not varied:
+        gaps["importance"] = "the completed trials share every parameter value"
+    return gaps
+
+
+def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> tuple[list[Path], list[str]]:
+    """Optimisation history, per-epoch curves (every trial, pruned ones too) and parameter importances (from
+    completed trials only) of `kind`'s study as PNG files, each only when enough trials support it (see the
+    module's docstring): (files written, one-line notes on the plots left out, whose old files are removed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,27 +673,27 @@ def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> list[Path]:
 
     study = optuna.load_study(study_name=settings.study_name(kind), storage=settings.storage)
     plots = {
-        "history": optuna_matplotlib.plot_optimization_history,  # completed trials
-        "curves": optuna_matplotlib.plot_intermediate_values,  # every trial's per-epoch value, pruned ones too
-        "importance": optuna_matplotlib.plot_param_importances,
+        "history": lambda: optuna_matplotlib.plot_optimization_history(study, target_name=settings.metric),
+        "curves": lambda: optuna_matplotlib.plot_intermediate_values(study),
+        "importance": lambda: optuna_matplotlib.plot_param_importances(study, target_name=settings.metric),
     }
-    written = []
+    gaps = _plot_gaps(study)
+    written, notes = [], []
     for name, plot in plots.items():
-        try:
-            with warnings.catch_warnings():  # experimental API; "too few trials" for importances
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # importances need >= 2 finished trials
-            logging.getLogger(__name__).warning("no %s plot for %s: %s", name, kind, exc)
+        path = out / f"{kind}_{name}.png"
+        if name in gaps:
+            path.unlink(missing_ok=True)  # a figure of an earlier sweep must not pass for this one's
+            notes.append(f"{kind}: no {name} plot: {gaps[name]}")
             continue
-        figure = axes.figure
+        with warnings.catch_warnings():  # experimental API
+            warnings.simplefilter("ignore")
+            figure = plot().figure
         figure.set_size_inches(7, 4.5)
         figure.tight_layout()
-        path = out / f"{kind}_{name}.png"
-        figure.savefig(path, dpi=110)
+        write_with(path, lambda staging, figure=figure: figure.savefig(staging, dpi=110, format="png"))
         plt.close(figure)
         written.append(path)
-    return written
+    return written, notes
 
 
 def _refit(settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, parent_run_id: str) -> None:
@@ -532,7 +702,7 @@ def _refit(settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, pa
     kind = outcome.kind
     model, metrics = train_model(kind, adata, {**settings.fixed_params(kind), **outcome.best_config})
     model_dir = Path(settings.out) / "models" / kind
-    save_model_dir(model, metrics, model_dir)
+    save_model_dir(model, metrics, model_dir, overwrite=True)  # a re-run of the sweep refits its models
     outcome.refit_seconds = float(model.history.seconds)
     outcome.refit_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     outcome.model_dir = str(model_dir)
@@ -577,7 +747,8 @@ def best_params_document(settings: SweepSettings, outcome: SweepOutcome) -> str:
 
 
 def _write_outputs(settings: SweepSettings, outcome: SweepOutcome) -> list[Path]:
-    """best.json, best_params.yaml (what the DVC train stage reads), comparison.csv and comparison.md."""
+    """best.json, best_params.yaml (what the DVC train stage reads), comparison.csv and comparison.md (the
+    notes under the table, where `scdgm report` shows them)."""
     out = Path(settings.out)
     best = {
         "sweep": settings.name,
@@ -585,13 +756,15 @@ def _write_outputs(settings: SweepSettings, outcome: SweepOutcome) -> list[Path]
         "metric": settings.metric,
         "seconds": outcome.seconds,
         "models": {kind: asdict(o) for kind, o in outcome.models.items()},
+        "notes": outcome.notes,
     }
-    summary = comparison_table(outcome.models, settings.metric)
+    summary = comparison_table(outcome.models, settings.metric).to_markdown(floatfmt=".4g") + "\n"
+    summary += "".join(f"\nNote: {note}" for note in outcome.notes) + ("\n" if outcome.notes else "")
     return [
         write_json_atomic(out / "best.json", best),
         write_text_atomic(out / "best_params.yaml", best_params_document(settings, outcome)),
         write_text_atomic(out / "comparison.csv", comparison_table(outcome.models, settings.metric, True).to_csv()),
-        write_text_atomic(out / "comparison.md", summary.to_markdown(floatfmt=".4g") + "\n"),
+        write_text_atomic(out / "comparison.md", summary),
     ]
 
 
@@ -657,7 +830,6 @@ def _tune_models(
             threads=max(1, int(settings.cpus_per_trial)),
         )
         outcomes[kind] = _tune_model(settings, kind, setup, resume)
-        _fail_orphan_optuna_trials(settings, kind)
     return outcomes
 
 
@@ -668,6 +840,7 @@ def _conclude(
     mlflow_client = tracking.client()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
     for kind, model_outcome in outcomes.items():
         _refit(settings, model_outcome, adata, parent_run_id)
         tracking.log_metrics(
@@ -676,9 +849,11 @@ def _conclude(
             {f"{kind}.best_{settings.metric}": model_outcome.best_value}
             | {f"{kind}.{k}": v for k, v in model_outcome.refit_metrics.items()},
         )
-        for plot in optuna_plots(settings, kind, out):
+        plots, plot_notes = optuna_plots(settings, kind, out)
+        notes += plot_notes
+        for plot in plots:
             mlflow_client.log_artifact(parent_run_id, str(plot), artifact_path="optuna")
-    outcome = SweepOutcome(settings.name, parent_run_id, outcomes, str(out), time.perf_counter() - started)
+    outcome = SweepOutcome(settings.name, parent_run_id, outcomes, str(out), time.perf_counter() - started, notes)
     for path in _write_outputs(settings, outcome):
         mlflow_client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
     tracking.log_metrics(mlflow_client, parent_run_id, {"sweep_seconds": outcome.seconds})
@@ -714,6 +889,30 @@ def run_sweep(settings: SweepSettings, resume: bool = False, overwrite: bool = F
     except SweepInterrupted:
         status = "KILLED"
         raise
+    except BaseException as error:
+        status = tracking.end_status(error)
+        raise
     finally:
-        if parent_run_id is not None:
-            tracking.client(uri).set_terminated(parent_run_id, status)
+        _close_sweep(settings, uri, parent_run_id, status)
+
+
+def _close_sweep(settings: SweepSettings, uri: str, parent_run_id: str | None, status: str) -> None:
+    """Once Ray is down: Optuna trials still RUNNING end FAIL and their trials' MLflow runs KILLED (except a run
+    that finished training, unnoticed by Ray: --resume replays it); unless the sweep finished, its trial runs
+    still open end KILLED too; the sweep run ends `status`."""
+    interrupted = _fail_orphan_optuna_trials(settings)
+    if parent_run_id is None:
+        return
+    mlflow_client = tracking.client(uri)
+    experiment = mlflow_client.get_run(parent_run_id).info.experiment_id
+    for trial_id in interrupted:
+        for run in trial_runs(uri, experiment, parent_run_id, trial_id)[1]:
+            if run.info.status != "FINISHED" or run.data.tags.get(tracking.TAG_PRUNED) == "true":
+                mlflow_client.set_tag(run.info.run_id, tracking.TAG_PRUNED, "false")
+                mlflow_client.set_terminated(run.info.run_id, "KILLED")
+    if status != "FINISHED":
+        children = mlflow_client.search_runs(
+            [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
+        )
+        tracking.close_open_runs(mlflow_client, [r.info.run_id for r in children], "KILLED")
+    mlflow_client.set_terminated(parent_run_id, status)

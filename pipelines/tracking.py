@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import yaml
 
 import scdgm
-from scdgm.errors import ScdgmError
+from scdgm.errors import ScdgmError, Terminated
 from scdgm.files import write_json_atomic
 from scdgm.formats import RUN_RECORD, WEIGHTS_FILE
 from scdgm.pipelines import pyfunc
@@ -324,6 +324,26 @@ def start_run(
     return mlflow_client.create_run(experiment_id(experiment, uri), tags=tags, run_name=run_name).info.run_id
 
 
+def end_status(error: BaseException | None) -> str:
+    """The status a run ends with: FINISHED without `error`, KILLED when the process was stopped (a signal,
+    Ctrl+C, SystemExit as Ray raises in a worker it stops), FAILED on any other error."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (Terminated, KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+@contextmanager
+def ending_run(mlflow_client: MlflowClient, run_id: str) -> Iterator[str]:
+    """Close run `run_id` when the block ends, with `end_status` of how it ended (the error re-raised):
+    never left RUNNING."""
+    try:
+        yield run_id
+    except BaseException as error:
+        mlflow_client.set_terminated(run_id, end_status(error))
+        raise
+    mlflow_client.set_terminated(run_id, "FINISHED")
+
+
 @contextmanager
 def training_run(
     kind: str,
@@ -336,20 +356,17 @@ def training_run(
     uri: str | None = None,
 ) -> Iterator[TrainingRun]:
     """Open a run for training model `kind` with `config` logged as params (see `start_run` for where); it
-    is closed FINISHED when the block succeeds and FAILED (then re-raised) when it raises: never left RUNNING."""
+    is closed FINISHED when the block succeeds, KILLED when a signal stops it, FAILED (then re-raised) when
+    it raises: never left RUNNING."""
     uri = uri or tracking_uri()
     mlflow_client = client(uri)
     all_tags = {TAG_KIND: kind, TAG_ROLE: "train", **lineage_tags(), **(tags or {})}
     run_id = start_run(mlflow_client, experiment, run_name, all_tags, parent_run_id)
-    try:
+    with ending_run(mlflow_client, run_id):
         log_params(mlflow_client, run_id, {"model": kind, **config})
         if lineage is not None:
             log_lineage(mlflow_client, run_id, lineage)
         yield TrainingRun(mlflow_client, run_id, uri)
-    except BaseException:
-        mlflow_client.set_terminated(run_id, "FAILED")
-        raise
-    mlflow_client.set_terminated(run_id, "FINISHED")
 
 
 def close_open_runs(mlflow_client: MlflowClient, run_ids: list[str], status: str) -> None:
@@ -357,3 +374,28 @@ def close_open_runs(mlflow_client: MlflowClient, run_ids: list[str], status: str
     for run_id in run_ids:
         if mlflow_client.get_run(run_id).info.status not in TERMINAL_STATUSES:
             mlflow_client.set_terminated(run_id, status)
+
+
+TAG_MODEL_RUN = "scdgm.model_run_id"
+"""On a stage's own run (explain, evaluate, register): the run that trained the model it worked on."""
+
+
+@contextmanager
+def linked_run(record: RunRecord, role: str, tags: dict[str, str] | None = None) -> Iterator[tuple[MlflowClient, str]]:
+    """(client, run id) of a new run for a later stage on the model of `record` (explain, evaluate, register),
+    nested under the model's run and tagged with its id, so that a finished training run is never written to
+    again; under `mlflow run` the run it opened (MLFLOW_RUN_ID) is adopted. Closed as `ending_run` says."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    ensure_reachable(record.tracking_uri)
+    mlflow_client = client(record.tracking_uri)
+    all_tags = {TAG_ROLE: role, TAG_MODEL_RUN: record.run_id, MLFLOW_PARENT_RUN_ID: record.run_id,
+                **lineage_tags(), **(tags or {})}
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        for key, value in all_tags.items():
+            mlflow_client.set_tag(run_id, key, value)
+    else:
+        run_id = mlflow_client.create_run(record.experiment_id, tags=all_tags, run_name=role).info.run_id
+    with ending_run(mlflow_client, run_id):
+        yield mlflow_client, run_id

@@ -1,7 +1,8 @@
 """`scdgm train`, `scdgm embed` and `scdgm sample`: fit a model and evaluate it, embed cells, draw synthetic cells.
 
 Hyperparameters come from params.yaml (`train.common`, then `train.<model>`) and `--set key=value`; a model
-directory is written whole or not at all (built in a hidden sibling folder, then renamed into place).
+directory is written whole or not at all (built in a hidden sibling folder, then renamed into place), and replaces
+an earlier model only with `--overwrite`.
 `train_model` is the library entry point the tuner and the tracker call.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import typer
 
 from scdgm.errors import InputError, ScdgmError
 from scdgm.files import atomic_path, write_json_atomic
-from scdgm.formats import METRICS_FILE, is_model_directory
+from scdgm.formats import METRICS_FILE, MODEL_FILES, is_model_directory
 from scdgm.models import MODEL_KINDS, create_model, load_model, model_class
 from scdgm.models.base import EpochCallback, GenerativeModel
 from scdgm.models.data import split_mask
@@ -82,17 +83,27 @@ def train_model(
     return model, metrics
 
 
-def check_model_dir_target(out: Path) -> None:
-    """`out` may be written: absent, an empty folder, or an earlier model directory (which gets replaced)."""
-    if out.exists() and not is_model_directory(out) and (not out.is_dir() or any(out.iterdir())):
+def check_model_dir_target(out: Path, overwrite: bool = False) -> None:
+    """`out` may be written when absent or an empty folder; an earlier model directory only with `overwrite`
+    (it is replaced whole, explanation and all); anything else never."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not is_model_directory(out):
         raise ScdgmError(f"{out} exists and is not a model directory; not overwriting it")
+    if not overwrite:
+        extra = sorted(p.name for p in out.iterdir() if p.name not in MODEL_FILES)
+        holding = f" (with {', '.join(extra)})" if extra else ""
+        raise ScdgmError(f"{out} already holds a model{holding}; pass --overwrite to replace it, or choose another --out")
 
 
-def save_model_dir(model: GenerativeModel, metrics: dict[str, float], out: str | Path) -> Path:
+def save_model_dir(
+    model: GenerativeModel, metrics: dict[str, float], out: str | Path, *, overwrite: bool = False
+) -> Path:
     """Write the model and metrics.json to `out` atomically: a hidden sibling folder renamed into place, so a
-    failure leaves no `out` (and an earlier model there untouched). Only a model directory is replaced."""
+    failure leaves no `out` (and an earlier model there untouched). An earlier model directory is replaced
+    whole only with `overwrite`; any other non-empty `out` is refused."""
     out = Path(out)
-    check_model_dir_target(out)
+    check_model_dir_target(out, overwrite)
     with atomic_path(out, directory=True) as staging:
         model.save(staging)
         write_json_atomic(staging / METRICS_FILE, metrics)
@@ -113,18 +124,21 @@ def train_command(
         list[str] | None, typer.Option("--set", help="Override a hyperparameter, e.g. --set n_latent=5.")
     ] = None,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a model already in --out (with everything in its folder).")
+    ] = False,
 ) -> None:
     """Train a model on prepared cells, evaluate it on the test split and save it with its metrics."""
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
     config = load_params(params)
     hyperparameters = model_params(model, config, overrides)
-    check_model_dir_target(out)
+    check_model_dir_target(out, overwrite)
     adata = read_counts(data)
     lineage = tracking.dataset_lineage(data, adata.n_obs, adata.n_vars)
     with tracking.training_run(model, hyperparameters, lineage, tracking.experiment_name(config), out.name) as run:
         fitted, metrics = train_model(model, adata, hyperparameters, callbacks=[run.epoch_callback])
-        save_model_dir(fitted, metrics, out)
+        save_model_dir(fitted, metrics, out, overwrite=overwrite)
         run.finish(out, metrics)
     shown = {k: metrics[k] for k in ("best_epoch", "training_seconds", "nll_elbo", "knn_accuracy") if k in metrics}
     typer.echo(f"wrote {out}: {model} on {adata.n_obs} cells; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scdgm.errors import ScdgmError
+from scdgm.errors import ScdgmError, Terminated
 from scdgm.models import MODEL_KINDS, model_class
 from scdgm.pipelines import tracking
 from scdgm.pipelines.config import apply_overrides, load_params
@@ -125,14 +125,16 @@ def tune_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted sweep of this name.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start an existing sweep of this name over.")] = False,
     name: Annotated[str | None, typer.Option(help="Sweep name = Optuna study = Ray experiment folder (default: <dataset>-<models>).")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<project>/optuna.db).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: sqlite:///<project>/optuna.db).")] = None,
     out: Annotated[str | None, typer.Option(help="Folder for best.json, best_params.yaml, comparison table, plots and refitted models (default: <project>/reports/tune).")] = None,
     results_dir: Annotated[str | None, typer.Option(help="Ray's results folder; shared storage on a multi-machine cluster (default: <project>/ray_results).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (params.yaml: tracking.experiment).")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set tune.grace_period=3.")] = None,
 ) -> None:
-    """Tune hyperparameters: Optuna TPE proposes, Ray Tune runs trials, ASHA prunes; each trial is an MLflow run."""
+    """Tune hyperparameters: Optuna TPE proposes, Ray Tune runs trials, ASHA prunes; each trial is an MLflow run.
+
+    Ctrl+C or SIGTERM stops the sweep (exit 130 / 143) with every run and trial closed; --resume continues it."""
     if resume and overwrite:
         raise ScdgmError("--resume and --overwrite exclude each other")
     if params is not None and not params.is_file():
@@ -157,9 +159,10 @@ def tune_command(
     try:
         outcome = run_sweep(settings, resume=resume, overwrite=overwrite)
     except SweepInterrupted as exc:
-        typer.echo(f"{exc}; continue it with the same command plus --resume", err=True)
-        raise typer.Exit(130) from None
+        raise Terminated(exc.signum, f"{exc}; continue it with the same command plus --resume") from None
     typer.echo(comparison_table(outcome.models, settings.metric).to_string(float_format=lambda v: f"{v:.4g}"))
+    for note in outcome.notes:
+        typer.echo(f"note: {note}", err=True)
     for kind, result in outcome.models.items():
         if result.errors:
             typer.echo(f"{kind}: {result.failed} trial(s) failed, e.g. {result.errors[0]}", err=True)

@@ -1,6 +1,7 @@
 """Where the project's MLflow store is and how to reach it: the tracking URI (MLFLOW_TRACKING_URI, else
 `sqlite:///<project>/mlflow.db`), a reachability check for tracking servers and a client on it. Both the
-pipelines (tracking runs) and serving (resolving models:/ URIs) stand on this.
+pipelines (tracking runs) and serving (resolving models:/ URIs) stand on this. Database URLs, MLflow's and
+Optuna's alike, go through `normalize_database_url`.
 """
 from __future__ import annotations
 
@@ -18,8 +19,23 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 
+POSTGRES_DRIVER = "postgresql+psycopg2"
+"""PostgreSQL URLs without a driver use psycopg2, which scdgm installs (SQLAlchemy 2.1 would pick psycopg 3,
+and no SQLAlchemy reads `postgres://`)."""
+
+
+def normalize_database_url(url: str) -> str:
+    """`url` with a PostgreSQL driver when it names none: `postgresql://` and `postgres://` become
+    `postgresql+psycopg2://`; other URLs (an explicit `postgresql+DRIVER://`, SQLite, MySQL) stay as given."""
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() in ("postgresql", "postgres"):
+        return f"{POSTGRES_DRIVER}://{rest}"
+    return url
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set (relative SQLite paths made absolute), else `sqlite:///<project>/mlflow.db`."""
+    """MLFLOW_TRACKING_URI when set (relative SQLite paths made absolute, PostgreSQL given its driver), else
+    `sqlite:///<project>/mlflow.db`."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
         return f"sqlite:///{project_path(MLFLOW_DB)}"
@@ -27,7 +43,7 @@ def tracking_uri() -> str:
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:  # a plain folder: MLflow's file store, refused by MLflow 3 unless explicitly allowed
         return str(Path(uri).resolve())
-    return uri
+    return normalize_database_url(uri)
 
 
 def ensure_reachable(uri: str) -> None:

@@ -2,7 +2,9 @@
 
 `create_app(settings)` builds it; the model is loaded once, by the lifespan (in a worker thread) or before by
 `scdgm serve`. /health needs no model; /ready and /v1/* answer 503 while none is loaded. Parsing and inference
-run in the thread pool; the event loop only moves bytes.
+run in the thread pool; the event loop only moves bytes. /docs (Swagger UI) and /redoc load their scripts and
+styles from the app itself (the fastapi-offline package ships them), so they work without internet; the request
+examples in /openapi.json are built from the served model's genes, so "Try it out" sends a valid request.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -31,6 +34,7 @@ from scdgm.serving.schemas import (
     ModelInfo,
     Ready,
     cells_request_body,
+    request_examples,
 )
 from scdgm.serving.service import ModelService, NoExplanation
 from scdgm.serving.settings import ServeSettings, read_token
@@ -70,13 +74,14 @@ def create_app(settings: ServeSettings, service: ModelService | None = None, ech
         app.state.service = service or await run_in_threadpool(ModelService.load, settings)
         yield
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="scdgm",
         summary="Latent embeddings and log-linear explanations of single cells from a deep generative model.",
         version=_package_version(),
         lifespan=lifespan,
     )
     app.state.service = None
+    _add_model_examples(app)
     _add_error_handlers(app)
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -148,6 +153,22 @@ def create_app(settings: ServeSettings, service: ModelService | None = None, ech
         return await _answer(request, service, service.explain)
 
     return app
+
+
+def _add_model_examples(app: FastAPI) -> None:
+    """Put request examples built from the loaded model's genes into the app's OpenAPI schema."""
+    plain_schema = app.openapi
+
+    def schema_with_examples() -> dict[str, Any]:
+        schema = plain_schema()  # generated once and cached by FastAPI
+        service = app.state.service
+        if service is not None:
+            examples = request_examples(service.genes)
+            for path in ("/v1/embed", "/v1/explain"):
+                schema["paths"][path]["post"]["requestBody"]["content"][JSON]["examples"] = examples
+        return schema
+
+    app.openapi = schema_with_examples
 
 
 def app_from_environment() -> FastAPI:

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdgm.errors import InputError, ScdgmError
-from scdgm.models.data import align_genes, layer_matrix, validate_counts
+from scdgm.models.data import MAX_COUNT, align_genes, layer_matrix, validate_counts
 
 DENSE_FIELDS = frozenset({"genes", "counts", "cells"})
 SPARSE_FIELDS = frozenset({"genes", "shape", "indices", "indptr", "data", "cells"})
@@ -77,7 +77,12 @@ def cells_from_json(body: bytes, expected: Sequence[str], limits: InputLimits) -
     if absent:
         raise InputError(f"missing field(s) {', '.join(map(repr, absent))}; {FORMAT_HINT}")
     genes = _gene_names(document["genes"])
-    matrix = _dense_counts(document["counts"], genes, limits) if dense else _sparse_counts(document, genes, limits)
+    # numpy turns true/false among numbers into 1/0; only a body with such a literal needs the exact, slower scan
+    scan = b"true" in body or b"false" in body
+    if dense:
+        matrix = _dense_counts(document["counts"], genes, limits, scan)
+    else:
+        matrix = _sparse_counts(document, genes, limits, scan)
     cells = _cell_ids(document.get("cells"), matrix.shape[0])
     return _checked_batch(matrix, genes, cells, expected, limits)
 
@@ -132,7 +137,7 @@ def _check_cell_count(n_cells: int, limits: InputLimits) -> None:
         raise PayloadTooLarge(f"{n_cells} cells in one request; this server takes at most {limits.max_cells}")
 
 
-def _dense_counts(rows: Any, genes: list[str], limits: InputLimits) -> sp.csr_matrix:
+def _dense_counts(rows: Any, genes: list[str], limits: InputLimits, scan: bool) -> sp.csr_matrix:
     """counts: one list of numbers per cell, one number per gene."""
     if not isinstance(rows, list) or (rows and not isinstance(rows[0], list)):
         raise InputError("counts must be a list of rows (one list of numbers per cell)")
@@ -142,12 +147,12 @@ def _dense_counts(rows: Any, genes: list[str], limits: InputLimits) -> sp.csr_ma
             raise InputError(f"counts[{index}] is not a list of numbers")
         if len(row) != len(genes):
             raise InputError(f"counts[{index}] has {len(row)} values for {len(genes)} genes (rows must not be ragged)")
-    values = _numbers(rows, "counts", genes, ndim=2)
+    values = _numbers(rows, "counts", genes, ndim=2, scan=scan)
     with np.errstate(over="ignore"):  # values beyond float32 become inf, reported by the value check
         return sp.csr_matrix(values, dtype=np.float32)
 
 
-def _sparse_counts(document: dict[str, Any], genes: list[str], limits: InputLimits) -> sp.csr_matrix:
+def _sparse_counts(document: dict[str, Any], genes: list[str], limits: InputLimits, scan: bool) -> sp.csr_matrix:
     """shape/indices/indptr/data: a CSR matrix of cells × genes."""
     shape = document["shape"]
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s >= 0 for s in shape)):
@@ -156,9 +161,9 @@ def _sparse_counts(document: dict[str, Any], genes: list[str], limits: InputLimi
     if n_genes != len(genes):
         raise InputError(f"shape says {n_genes} genes but genes names {len(genes)}")
     _check_cell_count(n_cells, limits)
-    indices = _integers(document["indices"], "indices")
-    indptr = _integers(document["indptr"], "indptr")
-    data = _numbers(document["data"], "data", genes, ndim=1)
+    indices = _integers(document["indices"], "indices", scan)
+    indptr = _integers(document["indptr"], "indptr", scan)
+    data = _numbers(document["data"], "data", genes, ndim=1, scan=scan)
     if indptr.size != n_cells + 1:
         raise InputError(f"indptr has {indptr.size} entries; a CSR matrix of {n_cells} cells needs {n_cells + 1}")
     if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
@@ -192,33 +197,39 @@ def _array(value: list) -> np.ndarray:
         return np.asarray(value, dtype=object)
 
 
-def _integers(value: Any, what: str) -> np.ndarray:
+def _integers(value: Any, what: str, scan: bool) -> np.ndarray:
     if not isinstance(value, list):
         raise InputError(f"{what} must be a list of integers")
     array = _array(value) if value else np.zeros(0, dtype=np.int64)
-    if array.ndim != 1 or array.dtype.kind not in "iu":
+    if array.ndim != 1 or array.dtype.kind not in "iu" or (scan and any(isinstance(v, bool) for v in value)):
         raise InputError(f"{what} must be a flat list of integers")
     return array.astype(np.int64, copy=False)
 
 
-def _numbers(value: Any, what: str, genes: list[str], ndim: int) -> np.ndarray:
+def _numbers(value: Any, what: str, genes: list[str], ndim: int, scan: bool) -> np.ndarray:
     """A list (ndim 1) or list of rows (ndim 2) of JSON numbers as an int64/float64 array.
 
-    Anything else (strings, null, true/false, nested lists) is an InputError naming the first bad entry.
+    Anything else (strings, null, true/false, nested lists) is an InputError naming the first bad entry; `scan`
+    looks for true/false entry by entry also where numpy made numbers of them.
     """
     if not isinstance(value, list):
         raise InputError(f"{what} must be a list of numbers")
     array = _array(value) if value else np.zeros(0, dtype=np.float64)
-    if array.dtype.kind not in "iuf":
+    if array.dtype.kind not in "iuf" or scan:
         bad = _first_non_number(value)
         if bad is not None:
             position, gene, item = bad
             kind = JSON_TYPES.get(type(item), type(item).__name__)
             where = f" (gene {genes[gene]!r})" if ndim == 2 and gene < len(genes) else ""
             raise InputError(f"{what}{position}{where} must be a number, got {kind}")
-        array = array.astype(np.float64)  # integers too large for int64 are still numbers
+    shape_error = InputError(f"{what} must be " + ("a list of rows of numbers" if ndim == 2 else "a flat list of numbers"))
+    if array.dtype.kind not in "iuf":
+        try:
+            array = array.astype(np.float64)  # integers too large for int64 are still numbers
+        except (TypeError, ValueError):
+            raise shape_error from None  # lists nested unevenly
     if array.ndim != ndim:
-        raise InputError(f"{what} must be " + ("a list of rows of numbers" if ndim == 2 else "a flat list of numbers"))
+        raise shape_error
     return array
 
 
@@ -240,7 +251,7 @@ def _checked_batch(
     few vectorised checks; anything else goes through models.data.validate_counts, whose message names a cell
     and a gene."""
     values = matrix.data
-    clean = np.isfinite(values).all() and not (values < 0).any()
+    clean = np.isfinite(values).all() and not (values < 0).any() and not (values > MAX_COUNT).any()
     if not clean or not (limits.allow_non_integer or np.array_equal(np.floor(values), values)):
         names = cells if cells is not None else [str(i) for i in range(matrix.shape[0])]
         view = ad.AnnData(X=matrix, obs=pd.DataFrame(index=pd.Index(names)), var=pd.DataFrame(index=pd.Index(genes)))

@@ -6,10 +6,16 @@ Responses are serialised with orjson in serving.service and conform to the respo
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from scdgm.models.data import MAX_COUNT
+
+Count = Annotated[float, Field(strict=True, ge=0, le=MAX_COUNT)]
+"""A count: a JSON number (not true/false, not text) in [0, 2**24], what float32 holds exactly."""
+Position = Annotated[int, Field(strict=True, ge=0)]
+"""An index or size: a non-negative JSON integer (not true/false)."""
 _GENES = Field(min_length=1, description="Gene names of the columns, unique; matched to the model's genes by name.")
 _CELLS = Field(None, description="Optional cell ids (unique, one per cell), echoed in the response.")
 
@@ -17,29 +23,21 @@ _CELLS = Field(None, description="Optional cell ids (unique, one per cell), echo
 class DenseCells(BaseModel):
     """Cells × genes counts as one list of numbers per cell."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"genes": ["CD3E", "MS4A1", "LYZ"], "counts": [[3, 0, 1], [0, 5, 0]],
-                                         "cells": ["cell-1", "cell-2"]}]},
-    )
+    model_config = ConfigDict(extra="forbid")
     genes: list[str] = _GENES
-    counts: list[list[float]] = Field(min_length=1, description="Non-negative counts; row i is cell i.")
+    counts: list[list[Count]] = Field(min_length=1, description="Counts in [0, 2**24]; row i is cell i.")
     cells: list[str] | None = _CELLS
 
 
 class SparseCells(BaseModel):
     """Cells × genes counts in compressed sparse row (CSR) form, as scipy.sparse.csr_matrix keeps them."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"genes": ["CD3E", "MS4A1", "LYZ"], "shape": [2, 3], "indices": [0, 2, 1],
-                                         "indptr": [0, 2, 3], "data": [3, 1, 5]}]},
-    )
+    model_config = ConfigDict(extra="forbid")
     genes: list[str] = _GENES
-    shape: list[int] = Field(min_length=2, max_length=2, description="[n_cells, n_genes].")
-    indices: list[int] = Field(description="Gene position of each stored value.")
-    indptr: list[int] = Field(description="Row i holds values indptr[i]:indptr[i+1]; n_cells + 1 entries.")
-    data: list[float] = Field(description="The stored (non-zero) counts.")
+    shape: list[Position] = Field(min_length=2, max_length=2, description="[n_cells, n_genes].")
+    indices: list[Position] = Field(description="Gene position of each stored value.")
+    indptr: list[Position] = Field(description="Row i holds values indptr[i]:indptr[i+1]; n_cells + 1 entries.")
+    data: list[Count] = Field(description="The stored (non-zero) counts, in [0, 2**24].")
     cells: list[str] | None = _CELLS
 
 
@@ -47,6 +45,27 @@ class H5adUpload(BaseModel):
     """An .h5ad file (counts in layers['counts'] or .X; genes are var_names, cell ids obs_names)."""
 
     file: bytes = Field(json_schema_extra={"format": "binary"}, description="The .h5ad file.")
+
+
+def request_examples(genes: list[str]) -> dict[str, dict[str, Any]]:
+    """OpenAPI examples of /v1/embed and /v1/explain for a model with `genes`: the same two cells (3 counts of
+    the first gene and 1 of the third; 5 of the second) as dense and as sparse JSON. They list every model gene,
+    so they are valid requests for the served model whatever --max-missing-fraction is."""
+    counts = [[0] * len(genes) for _ in range(2)]
+    for row, column, value in ((0, 0, 3), (0, 2, 1), (1, 1, 5)):
+        if column < len(genes):
+            counts[row][column] = value
+    indptr, indices, data = [0], [], []
+    for row in counts:
+        indices += [j for j, value in enumerate(row) if value]
+        data += [value for value in row if value]
+        indptr.append(len(indices))
+    cells = ["cell-1", "cell-2"]
+    sparse = {"genes": genes, "shape": [2, len(genes)], "indptr": indptr, "indices": indices, "data": data}
+    return {
+        "dense": {"summary": "two cells, dense", "value": {"genes": genes, "counts": counts, "cells": cells}},
+        "sparse": {"summary": "the same two cells, sparse CSR", "value": {**sparse, "cells": cells}},
+    }
 
 
 def cells_request_body() -> dict[str, Any]:

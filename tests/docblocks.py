@@ -2,9 +2,40 @@
 from __future__ import annotations
 
 import re
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+OPENING = re.compile(r"^(\s*)```(\w*)\s*$")
+HEADING = re.compile(r"#+ ")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block: the heading it sits under (the nearest one), its language and its dedented body."""
+
+    heading: str
+    language: str
+    body: str
+    line: int
+
+
+def all_blocks(path: Path) -> Iterator[Block]:
+    """Every fenced block of `path` in order, indented ones (inside list items) included."""
+    heading, fence, language, start, lines = "", None, "", 0, []
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+        if fence is None:
+            opening = OPENING.match(line)
+            if opening:
+                fence, language, start, lines = opening.group(1), opening.group(2), number, []
+            elif HEADING.match(line):
+                heading = line.strip()
+        elif line.strip() == "```":
+            yield Block(heading, language, textwrap.dedent("".join(lines)), start)
+            fence = None
+        else:
+            lines.append(line)
 
 
 def section(path: Path, heading: str) -> str:
@@ -13,9 +44,9 @@ def section(path: Path, heading: str) -> str:
     level = len(heading) - len(heading.lstrip("#"))
     lines, inside, fenced = [], False, False
     for line in path.read_text().splitlines(keepends=True):
-        if line.startswith("```"):
+        if line.lstrip().startswith("```"):
             fenced = not fenced
-        is_heading = not fenced and re.match(r"#+ ", line)
+        is_heading = not fenced and HEADING.match(line)
         if inside and is_heading and len(line) - len(line.lstrip("#")) <= level:
             break
         if inside:
@@ -27,5 +58,17 @@ def section(path: Path, heading: str) -> str:
 
 
 def blocks(path: Path, heading: str, language: str | None = None) -> list[str]:
-    """The code blocks under `heading`, optionally only those fenced with `language`."""
-    return [body for lang, body in FENCE.findall(section(path, heading)) if language is None or lang == language]
+    """The code blocks under `heading` (and its subsections), optionally only those fenced with `language`."""
+    inside = section(path, heading)
+    found, fence, lang, lines = [], False, "", []
+    for line in inside.splitlines(keepends=True):
+        opening = OPENING.match(line)
+        if not fence and opening:
+            fence, lang, lines = True, opening.group(2), []
+        elif fence and line.strip() == "```":
+            fence = False
+            if language is None or lang == language:
+                found.append(textwrap.dedent("".join(lines)))
+        elif fence:
+            lines.append(line)
+    return found

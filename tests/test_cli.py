@@ -2,6 +2,7 @@
 module (torch, MLflow, Ray...) is imported only when that command runs."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -26,3 +27,11 @@ def test_help_imports_no_command_module() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert all(name in result.stdout for name in cli.COMMANDS)
+
+
+def test_signal_handlers_are_restored_after_an_in_process_run() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tune", "--resume", "--overwrite"])  # a user error: exit 2, after the handlers were installed
+    assert exit_info.value.code == 2
+    assert {s: signal.getsignal(s) for s in before} == before

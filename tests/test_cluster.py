@@ -27,13 +27,24 @@ POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test",
 
 def postgres_error() -> str | None:
     """Why PostgreSQL cannot be used here (None when it can)."""
-    try:
-        import psycopg2
+    import psycopg2
 
+    try:
         psycopg2.connect(**POSTGRES).close()
-    except Exception as exc:  # noqa: BLE001 - any failure means: skip with the reason
-        return f"PostgreSQL at 127.0.0.1:5432 is not reachable ({exc.__class__.__name__}: {str(exc).strip()[:80]})"
+    except psycopg2.OperationalError as exc:
+        where = f"{POSTGRES['host']}:{POSTGRES['port']}"
+        return f"PostgreSQL at {where} is not reachable ({str(exc).strip().splitlines()[0][:120]})"
     return None
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is unreachable, naming why; under CI=true fail instead, since CI provides it."""
+    reason = postgres_error()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason}; CI=true, where PostgreSQL must run (.ci/run checks it)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -42,12 +53,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def test_unreachable_postgres_fails_under_ci_and_is_skipped_elsewhere(monkeypatch):
+    monkeypatch.setitem(POSTGRES, "port", free_port())  # nothing listens there
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"not reachable .*CI=true"):
+        require_postgres()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"PostgreSQL at 127\.0\.0\.1:\d+ is not reachable"):
+        require_postgres()
+
+
 @pytest.fixture
 def databases():
     """Two fresh databases (MLflow's and Optuna's), dropped afterwards."""
-    reason = postgres_error()
-    if reason:
-        pytest.skip(reason)
+    require_postgres()
     import psycopg2
 
     names = [f"scdgm_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "optuna")]

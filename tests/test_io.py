@@ -287,8 +287,10 @@ def test_empty_matrix(shape: tuple[int, int]) -> None:
         ([-1.0, -2.0], "2 negative values in the counts, e.g. -1.0 at cell 'c1', gene 'g2'"),
         ([np.nan, np.inf], "2 non-finite values (NaN or infinity) in the counts, e.g. nan at cell 'c1', gene 'g2'"),
         ([0.5, 1.25], "2 non-integer values in the counts, e.g. 0.5 at cell 'c1', gene 'g2'"),
+        ([1e12, 2.0**25], "2 counts above 2**24 = 16777216, the largest integer float32 holds exactly, e.g. "
+                          "999999995904.0 at cell 'c1', gene 'g2'"),
     ],
-    ids=["negative", "non-finite", "non-integer"],
+    ids=["negative", "non-finite", "non-integer", "beyond-float32"],
 )
 def test_bad_values_are_counted_and_located(sparse: bool, bad: list[float], expected: str) -> None:
     matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -311,6 +313,15 @@ def test_integer_and_csc_matrices_validate() -> None:
     validate_counts(_adata(np.array([[0, 3], [1, 0]], dtype=np.int32)))
     with pytest.raises(InputError, match="1 negative values.*cell 'c1', gene 'g0'"):
         validate_counts(_adata(sp.csc_matrix(np.array([[0, 3], [-1, 0]], dtype=np.int64))))
+    with pytest.raises(InputError, match=r"1 counts above 2\*\*24.*cell 'c0', gene 'g1'"):
+        validate_counts(_adata(sp.csc_matrix(np.array([[0, 2**40], [1, 0]], dtype=np.uint64))))
+    validate_counts(_adata(np.array([[0, 2**24], [1, 0]], dtype=np.int64)))  # 2**24 itself is exact in float32
+
+
+def test_a_csv_with_a_count_beyond_float32_is_one_line(tmp_path: Path) -> None:
+    path = _gz(tmp_path / "f.csv", "cell,g1,g2\nc1,1000000000000,1\nc2,0,3\n")
+    with pytest.raises(InputError, match=r"f.csv: 1 counts above 2\*\*24.*cell 'c1', gene 'g1'"):
+        read_counts(path)
 
 
 def test_validation_is_fast_on_a_million_cells() -> None:

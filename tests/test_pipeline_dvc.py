@@ -1,6 +1,8 @@
 """The whole DVC pipeline, fetch → prepare → tune → train → explain → evaluate → register, on tiny simulated
-cells in a scratch git + DVC project: metrics and plots for DVC, a registered model, `dvc exp run -S`, and the
+cells in a scratch git + DVC project: metrics and plots for DVC, a registered model, `dvc exp run -S` (a candidate
+that takes `@champion` only by the promotion rule, and leaves the training run's artifacts as they were), and the
 `scdgm report` summary."""
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +44,12 @@ def run(project: Path, *args: str, timeout: float = 900) -> str:
     return result.stdout
 
 
+def artifact_hashes(client: mlflow.MlflowClient, run_id: str, folder: Path) -> dict[str, str]:
+    """sha256 of every artifact file of run `run_id`, by path."""
+    local = Path(client.download_artifacts(run_id, "", str(folder)))
+    return {str(p.relative_to(local)): hashlib.sha256(p.read_bytes()).hexdigest() for p in local.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
 def test_dvc_pipeline_end_to_end(tmp_path):
     project = tmp_path / "project"
@@ -71,18 +79,33 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     assert (tmp_path / "plots" / "index.html").is_file()
     registered = json.loads((project / "reports" / "registered.json").read_text())
     assert registered["model_uri"] == "models:/sim-ldvae@champion" and registered["version"] == "1"
+    assert registered["promoted"] and "no champion yet" in registered["decision"]["reason"]
     best = yaml.safe_load((project / "reports" / "tune" / "best_params.yaml").read_text())["train"]["ldvae"]
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    train_run = client.get_run(json.loads((project / "artifacts" / "sim-ldvae" / "mlflow_run.json").read_text())["run_id"])
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    train_id = json.loads((project / "artifacts" / "sim-ldvae" / "mlflow_run.json").read_text())["run_id"]
+    train_run = client.get_run(train_id)
     assert train_run.data.params["n_latent"] == str(best["n_latent"])  # the train stage used the sweep's best
-    assert "test_knn_accuracy" in train_run.data.metrics  # evaluate added to the train run
+    trained = artifact_hashes(client, train_id, tmp_path / "before")
+    evaluations = client.search_runs([train_run.info.experiment_id], f"tags.`scdgm.model_run_id` = '{train_id}'")
+    assert {r.data.tags["scdgm.role"] for r in evaluations} == {"explain", "evaluate", "register"}
+    assert any("test_knn_accuracy" in r.data.metrics for r in evaluations)  # evaluate's own run, linked
 
     run(project, str(BIN / "dvc"), "exp", "run", "-S", "explain.n_genes=2")
     experiments = run(project, str(BIN / "dvc"), "exp", "show", "--json")
     assert '"n_genes": 2' in experiments
     registered = json.loads((project / "reports" / "registered.json").read_text())
-    assert registered["version"] == "2"  # explain changed, so register ran again
-    assert str(client.get_model_version_by_alias("sim-ldvae", "champion").version) == "2"
+    assert registered["version"] == "2"  # explain changed, so register ran again: a candidate
+    decision = registered["decision"]
+    measured = json.loads((project / "reports" / "metrics.json").read_text())["test"]["label_accuracy"]
+    assert decision["candidate_value"] == measured and decision["champion_version"] == "1"
+    promoted = decision["candidate_value"] > decision["champion_value"]  # the rule: max, min_delta 0
+    assert registered["promoted"] == promoted
+    champion = client.get_model_version_by_alias("sim-ldvae", "champion").version
+    assert str(champion) == ("2" if promoted else "1")
+    assert str(client.get_model_version_by_alias("sim-ldvae", "candidate").version) == "2"
+    assert artifact_hashes(client, train_id, tmp_path / "after") == trained  # the finished run is untouched
+    assert client.get_run(train_id).data.metrics == train_run.data.metrics
 
     report = run(project, str(BIN / "scdgm"), "report", "--reports", "reports", "--params", "params.yaml")
     assert "models:/sim-ldvae@champion" in report and "mlflow ui --backend-store-uri" in report

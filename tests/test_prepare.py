@@ -66,10 +66,24 @@ def test_split_is_seeded():
     assert single.to_dict() == {"train": 600, "validation": 200, "test": 200}
 
 
-def test_all_genes_kept_when_fewer_than_requested():
+def test_all_genes_kept_when_qc_leaves_fewer_than_requested(caplog):
     data = simulate_binary(400, seed=0)
-    result = prepare(data, {**LOOSE_QC, "min_genes": 1, "n_top_genes": 2000}, label_key="group")
-    assert result.n_vars == 30 and result.var["highly_variable"].all()
+    result = prepare(data, {**LOOSE_QC, "min_genes": 1, "n_top_genes": 30}, label_key="group")
+    assert result.n_vars == 30 and result.var["highly_variable"].all() and "pass QC" not in caplog.text
+    data = data[:, :29].copy()  # all 29 genes pass QC; one fewer than asked for: kept, with a warning
+    result = prepare(data, {**LOOSE_QC, "min_genes": 1, "n_top_genes": 29}, label_key="group")
+    assert result.n_vars == 29
+    counts = data.X.toarray()
+    counts[:, 0] = 0  # QC drops an undetected gene
+    data.X = sp.csr_matrix(counts)
+    result = prepare(data, {**LOOSE_QC, "min_genes": 1, "n_top_genes": 29}, label_key="group")
+    assert result.n_vars == 28 and "only 28 genes pass QC" in caplog.text
+
+
+def test_more_variable_genes_than_the_input_has_are_refused():
+    data = simulate_binary(400, seed=0)
+    with pytest.raises(InputError, match="asks for 2000 highly variable genes but the input has only 30 genes"):
+        prepare(data, {**LOOSE_QC, "min_genes": 1, "n_top_genes": 2000}, label_key="group")
 
 
 def test_mitochondrial_and_gene_count_limits():
@@ -92,13 +106,13 @@ def test_mitochondrial_and_gene_count_limits():
     "params, message",
     [
         ({"min_genes": 10_000}, r"no cells left after QC.*min_genes=10000"),
-        ({"max_mito_fraction": -1.0}, r"no cells left after QC.*max_mito_fraction=-1.0"),
+        ({"max_mito_fraction": 0.0, "min_genes": 10_000}, r"no cells left after QC.*max_mito_fraction=0.0"),
         ({"min_cells": 10_000}, r"no genes left after QC.*min_cells=10000"),
     ],
 )
 def test_qc_errors_name_the_threshold(simulated, params, message):
     with pytest.raises(InputError, match=message):
-        prepare(simulated, {**LOOSE_QC, **params}, label_key="cell_type")
+        prepare(simulated, {**LOOSE_QC, "n_top_genes": 300, **params}, label_key="cell_type")
 
 
 @pytest.mark.parametrize(
@@ -107,6 +121,15 @@ def test_qc_errors_name_the_threshold(simulated, params, message):
         ({"min_gene": 3}, "unknown prepare parameter"),
         ({"split": {"train": 0.9, "validation": 0.2, "test": 0.1}}, "sum to 1"),
         ({"split": {"training": 1.0}}, "must map train, validation, test"),
+        ({"split": {"train": "most", "validation": 0.1, "test": 0.1}}, "fractions must be numbers"),
+        ({"n_top_genes": 0}, r"n_top_genes \(--n-top-genes\) must be an integer >= 1, got 0"),
+        ({"n_top_genes": 2.5}, "n_top_genes .* must be an integer"),
+        ({"min_genes": -1}, "min_genes must be an integer >= 0"),
+        ({"max_genes": 0}, "max_genes must be an integer >= 1 or null"),
+        ({"max_mito_fraction": -1.0}, r"max_mito_fraction must be in \[0, 1\]"),
+        ({"n_neighbors": 1}, "n_neighbors must be an integer >= 2"),
+        ({"leiden_resolution": 0}, "leiden_resolution must be a positive number"),
+        ({"label_key": 5}, "label_key must be an obs column name"),
     ],
 )
 def test_bad_parameters(simulated, params, message):
@@ -126,7 +149,7 @@ def test_without_labels_non_pbmc_data_is_refused(simulated):
 
 def test_cli_end_to_end(tmp_path):
     raw, out, params = tmp_path / "raw.h5ad", tmp_path / "prepared.h5ad", tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"seed": 3, "prepare": {**LOOSE_QC, "min_genes": 1}}))
+    params.write_text(yaml.safe_dump({"seed": 3, "prepare": {**LOOSE_QC, "min_genes": 1, "n_top_genes": 30}}))
     main(["data", "simulate", "--kind", "binary", "--n-cells", "200", "--n-genes", "30", "--out", str(raw)])
     main(["prepare", "--input", str(raw), "--out", str(out), "--label-key", "group", "--params", str(params),
           "--set", "prepare.split.test=0.2", "--set", "prepare.split.train=0.7"])

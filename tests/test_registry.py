@@ -1,4 +1,5 @@
-"""Model registry: register a run's model, move the alias, resolve models:/NAME@ALIAS, attach an explanation."""
+"""Model registry: register a run's model as a candidate, force the champion alias, resolve models:/NAME@ALIAS,
+attach an explanation; evaluate as a run of its own."""
 import json
 from pathlib import Path
 
@@ -33,23 +34,29 @@ def project(tmp_path_factory):
     return uri, data, out, folder / "explanation"
 
 
-def test_register_run_then_model_dir_moves_the_alias(project, monkeypatch, tmp_path):
+def test_register_run_then_model_dir_as_candidates_and_force_the_champion(project, monkeypatch, tmp_path):
     uri, data, out, explanation = project
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     run_id = tracking.RunRecord.read(out).run_id
 
     first = register(NAME, "champion", run_id=run_id)
     client = mlflow.MlflowClient(uri)
-    assert first.version == "1" and str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert first.version == "1" and first.promoted and str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "v1")))
     assert {"config.json", "genes.txt", "weights.safetensors"} <= {p.name for p in (local / "artifacts" / "model_dir").iterdir()}
 
     record = tmp_path / "registered.json"
     main(["register", "--model", str(out), "--explanation", str(explanation), "--name", NAME, "--out", str(record)])
     second = json.loads(record.read_text())
-    assert second["version"] == "2" and second["model_uri"] == f"models:/{NAME}@champion"
+    assert second["version"] == "2" and second["candidate_uri"] == f"models:/{NAME}@candidate"
+    assert second["model_uri"] == f"models:/{NAME}@champion" and second["champion_version"] == "1"
+    assert not second["promoted"] and "no test.label_accuracy" in second["decision"]["reason"]
     assert second["run_id"] == run_id
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+    main(["register", "--model", str(out), "--explanation", str(explanation), "--name", NAME, "--force", "--out", str(record)])
+    assert json.loads(record.read_text())["version"] == "3"
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
     assert client.get_model_version(NAME, "1").aliases == []
 
     cells = ad.read_h5ad(data)[:10]
@@ -58,8 +65,11 @@ def test_register_run_then_model_dir_moves_the_alias(project, monkeypatch, tmp_p
     assert list(predicted.columns) == ["latent_0", "latent_1", "latent_2", "pattern", "label"]
     assert predicted["pattern"].str.fullmatch("[01]{3}").all()
     assert set(predicted["label"]) <= set(cells.obs["cell_type"].astype(str))
-    artifacts = {a.path for a in client.list_artifacts(run_id, "model_files/explanation")}
-    assert "model_files/explanation/explanation.json" in artifacts
+    explanation_run = tracking.RunRecord.read(explanation).run_id
+    assert client.get_model_version(NAME, "3").tags["scdgm.explanation_run_id"] == explanation_run
+    artifacts = {a.path for a in client.list_artifacts(explanation_run, "explanation")}
+    assert "explanation/explanation.json" in artifacts
+    assert client.list_artifacts(run_id, "model_files/explanation") == []  # the training run is left alone
 
 
 def test_register_refuses_unknown_runs_and_mixed_sources(project, monkeypatch):
@@ -71,7 +81,7 @@ def test_register_refuses_unknown_runs_and_mixed_sources(project, monkeypatch):
         register(NAME, run_id="0" * 32, model_dir=out)
 
 
-def test_evaluate_writes_dvc_metrics_history_figures_and_logs_to_the_run(project, tmp_path):
+def test_evaluate_writes_dvc_metrics_history_figures_and_logs_its_own_run(project, tmp_path):
     uri, data, out, explanation = project
     reports = tmp_path / "reports"
     main(["evaluate", "--model", str(out), "--data", str(data), "--explanation", str(explanation),
@@ -84,6 +94,15 @@ def test_evaluate_writes_dvc_metrics_history_figures_and_logs_to_the_run(project
     history = pd.read_csv(reports / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2] and {"train_loss", "validation_loss", "lr"} <= set(history)
     assert {p.name for p in (reports / "figures").iterdir()} == {"loss.png", "latent_test.png"}
-    run = mlflow.MlflowClient(uri).get_run(tracking.RunRecord.read(out).run_id)
+    assert 0 <= metrics["test"]["label_accuracy"] <= 1
+    train_id = tracking.RunRecord.read(out).run_id
+    assert metrics["evaluated_on"]["model_run_id"] == train_id and len(metrics["evaluated_on"]["cells"]) == 16
+    assert metrics["evaluated_on"]["explanation_run_id"] == tracking.RunRecord.read(explanation).run_id
+    client = mlflow.MlflowClient(uri)
+    assert "test_nll_elbo" not in client.get_run(train_id).data.metrics
+    experiment = client.get_run(train_id).info.experiment_id
+    [run] = client.search_runs([experiment], f"tags.`scdgm.role` = 'evaluate' and tags.`scdgm.model_run_id` = '{train_id}'")
+    assert run.data.tags["mlflow.parentRunId"] == train_id
     assert run.data.metrics["test_nll_elbo"] == pytest.approx(metrics["test"]["nll_elbo"])
     assert run.data.metrics["label_transfer_accuracy"] == pytest.approx(metrics["explanation"]["label_transfer_accuracy"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/metrics.json"}

@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from repo import REPO_ROOT
 from tracking_helpers import isolated_tracking, write_tiny_prepared
 
@@ -102,11 +103,23 @@ def test_diverging_training_is_a_failed_run(tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "nan").exists()
 
 
-def test_lineage_takes_the_md5_dvc_recorded():
-    prepared = REPO_ROOT / "data" / "prepared" / "pbmc3k.h5ad"
-    if not (REPO_ROOT / "dvc.lock").exists() or not prepared.exists():
-        pytest.skip("the DVC-tracked PBMC 3k data is not in this checkout (run `dvc repro prepare`)")
-    lineage = tracking.dataset_lineage(prepared, 1, 1)
-    if lineage.md5_source != "dvc":
-        pytest.skip("data/prepared/pbmc3k.h5ad differs from the version dvc.lock records")
-    assert len(lineage.md5) == 32 and lineage.path == str(prepared)
+@pytest.mark.slow
+def test_lineage_takes_the_md5_dvc_recorded(pbmc_project, monkeypatch):
+    """In the pipeline's PBMC 3k project the prepared data's lineage is the md5 that dvc.lock records, and the
+    train stage's MLflow run carries it; a copy DVC does not track gets an md5 computed here."""
+    monkeypatch.setenv("SCDGM_PROJECT", str(pbmc_project.path))
+    relative = pbmc_project.params["data"]["prepared"]
+    lock = yaml.safe_load((pbmc_project.path / "dvc.lock").read_text())
+    recorded = next(out for out in lock["stages"]["prepare"]["outs"] if out["path"] == relative)
+    lineage = tracking.dataset_lineage(pbmc_project.prepared, 1, 1)
+    assert (lineage.md5, lineage.md5_source, lineage.path) == (recorded["md5"], "dvc", str(pbmc_project.prepared))
+    record = tracking.RunRecord.read(pbmc_project.path / pbmc_project.params["register"]["model_dir"])
+    logged = mlflow.MlflowClient(pbmc_project.tracking_uri).get_run(record.run_id).data.params
+    assert (logged["data.md5"], logged["data.md5_source"]) == (recorded["md5"], "dvc")
+    assert logged["data.path"] == lineage.path
+    copy = pbmc_project.path / "untracked.h5ad"
+    copy.write_bytes(pbmc_project.prepared.read_bytes())
+    try:
+        assert tracking.dataset_lineage(copy, 1, 1).md5_source == "computed"
+    finally:
+        copy.unlink()

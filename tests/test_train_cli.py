@@ -116,8 +116,9 @@ def test_data_without_split_gets_a_seeded_validation_split(cells, tmp_path):
         main(["train", "--model", "ldvae", "--data", str(path), "--out", str(tmp_path / "ld"), *FAST])
     metrics = json.loads((tmp_path / "ld" / "metrics.json").read_text())
     assert "train_loss" in metrics and "validation_loss" in metrics
-    main(["train", "--model", "ae", "--data", str(path), "--out", str(tmp_path / "ld"), "--set", "max_epochs=1"])
-    assert load_model(str(tmp_path / "ld")).kind == "ae"  # an earlier model directory is replaced
+    main(["train", "--model", "ae", "--data", str(path), "--out", str(tmp_path / "ld"), "--set", "max_epochs=1",
+          "--overwrite"])
+    assert load_model(str(tmp_path / "ld")).kind == "ae"  # an earlier model directory is replaced on request
 
 
 def test_an_existing_non_model_directory_is_not_overwritten(data_file, tmp_path, capsys):

@@ -1,5 +1,7 @@
-"""Sweeps: ASHA prunes, a diverging trial fails without failing the sweep, every trial run is closed, the best
-configuration is refitted and written for `scdgm train`, and an interrupted sweep resumes without repeats."""
+"""Sweeps: ASHA prunes, a diverging trial fails without failing the sweep, every trial run is closed and linked
+to its Optuna trial, figures only where enough trials completed, the best configuration is refitted and written
+for `scdgm train`, an interrupted sweep closes everything and resumes without repeats, and PostgreSQL URLs
+without a driver work for Optuna and MLflow."""
 import json
 import os
 import shutil
@@ -15,10 +17,12 @@ import yaml
 from tracking_helpers import TINY_SPACE, isolated_tracking, runs_by_role, tiny_params, write_tiny_prepared
 
 from scdgm.errors import ScdgmError
+from scdgm.pipelines import tracking
 from scdgm.pipelines.config import load_params
-from scdgm.pipelines.sweep import SweepInterrupted, run_sweep
+from scdgm.pipelines.sweep import IMPORTANCE_MIN_COMPLETED, SweepInterrupted, SweepSettings, run_sweep
 from scdgm.pipelines.train import model_params
 from scdgm.pipelines.tune import check_space, settings_from_params
+from scdgm.stores import normalize_database_url
 
 DIVERGING = {"lr": 10000.0, "n_hidden": 16, "n_latent": 2, "batch_size": 64}
 
@@ -70,6 +74,19 @@ def test_sweep_prunes_survives_a_failing_trial_and_refits_the_best(tiny_data, lo
 
     study = states(settings.storage, "sweep")
     assert study.count("FAIL") == 1 and study.count("PRUNED") == outcome.pruned and "RUNNING" not in study
+    optuna_study = optuna.load_study(study_name="sweep", storage=settings.storage)
+    assert optuna_study.metric_names == ["validation_loss"]  # the objective is named
+    by_run = {t.info.run_id: t for t in trials}
+    for trial in optuna_study.trials:  # both ways: Optuna trial -> MLflow run -> Optuna trial number
+        run = by_run[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.tags["ray.trial_id"] == trial.user_attrs["ray_trial_id"]
+    completed = study.count("COMPLETE")
+    notes = json.loads((tmp_path / "tune" / "best.json").read_text())["notes"]
+    assert (tmp_path / "tune" / "ldvae_importance.png").exists() == (completed >= IMPORTANCE_MIN_COMPLETED)
+    assert any("no importance plot" in note for note in notes) == (completed < IMPORTANCE_MIN_COMPLETED)
+    for note in notes:  # shown by `scdgm report` under the comparison table
+        assert f"Note: {note}" in (tmp_path / "tune" / "comparison.md").read_text()
     best = json.loads((tmp_path / "tune" / "best.json").read_text())["models"]["ldvae"]
     assert best["best_config"] == outcome.best_config and "seed" in best["best_config"]
     document = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
@@ -117,6 +134,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tiny_data,
     assert parent.info.status == "KILLED"
     before = {t.data.tags["ray.trial_id"]: t for t in runs_by_role(uri, "trial") if t.info.status == "FINISHED"}
     assert 1 <= len(before) < 5 and "RUNNING" not in {t.info.status for t in runs_by_role(uri, "trial")}
+    assert "RUNNING" not in states(settings.storage, "resumed")  # interrupted trials FAIL, resumed in new ones
+    assert all(t.data.tags.get("scdgm.pruned") != "true" for t in before.values())  # no stop passes as pruned
 
     run_sweep(settings, resume=True)
     trials = runs_by_role(uri, "trial")
@@ -128,8 +147,13 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tiny_data,
         assert after[trial_id].info.start_time == run.info.start_time
     (parent,) = runs_by_role(uri, "sweep")
     assert parent.info.status == "FINISHED"
-    study = states(settings.storage, "resumed")
-    assert len(study) == 5 and "RUNNING" not in study
+    study = optuna.load_study(study_name="resumed", storage=settings.storage).trials
+    assert "RUNNING" not in {t.state.name for t in study}
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study) == 5  # each Ray trial told Optuna once
+    for trial in study:  # an interrupted trial continued in a new Optuna trial with the same parameters
+        if "resumes_trial" in trial.user_attrs:
+            assert study[trial.user_attrs["resumes_trial"]].state.name == "FAIL"
+            assert study[trial.user_attrs["resumes_trial"]].params == trial.params
 
 
 def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
@@ -150,3 +174,59 @@ def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
     settings = settings_from_params(params, models="ldvae", num_samples=3, address="10.0.0.1:6380")
     assert settings.num_samples == 3 and settings.address == "10.0.0.1:6380" and os.path.isabs(settings.data)
     assert settings.fixed_params("ldvae")["max_epochs"] == settings.max_epochs
+
+
+def test_postgres_urls_get_the_installed_driver():
+    assert normalize_database_url("postgresql://u@h:5432/db") == "postgresql+psycopg2://u@h:5432/db"
+    assert normalize_database_url("postgres://u:pw@h/db") == "postgresql+psycopg2://u:pw@h/db"
+    for kept in ("postgresql+psycopg://u@h/db", "sqlite:////tmp/o.db", "mysql+pymysql://u@h/db", "http://h:5000"):
+        assert normalize_database_url(kept) == kept
+
+
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test", "connect_timeout": 3}
+
+
+@pytest.fixture
+def postgres_databases():
+    """Two throwaway databases (Optuna's, MLflow's: both keep an alembic_version table) on the PostgreSQL server
+    at 127.0.0.1:5432, as USER@HOST:PORT/DB, dropped afterwards. An unreachable server skips the test on a
+    developer's machine and fails it under CI=true, where the server is promised."""
+    import uuid
+
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(**POSTGRES)
+    except psycopg2.OperationalError as exc:
+        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {str(exc).strip()[:120]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    names = [f"scdgm_{role}_{uuid.uuid4().hex[:8]}" for role in ("optuna", "mlflow")]
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            for name in names:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        yield [f"root@127.0.0.1:5432/{name}" for name in names]
+    finally:
+        with connection.cursor() as cursor:
+            for name in names:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_plain_postgres_urls_work_for_optuna_and_mlflow(postgres_databases, scheme, tmp_path, monkeypatch):
+    optuna_db, mlflow_db = postgres_databases
+    settings = SweepSettings(models=["ldvae"], data="unused.h5ad", name="pg", storage=f"{scheme}://{optuna_db}")
+    optuna.create_study(study_name="pg", storage=settings.storage).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+    assert len(optuna.load_study(study_name="pg", storage=settings.storage).trials) == 2
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"{scheme}://{mlflow_db}")  # as `scdgm tune --help` shows it
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # artifacts of a database store go to the project's mlartifacts/
+    with tracking.training_run("ldvae", {"n_latent": 2}, None, experiment="pg", uri=tracking.tracking_uri()) as run:
+        tracking.log_metrics(run.client, run.run_id, {"validation_loss": 1.0})
+    assert mlflow.MlflowClient(tracking.tracking_uri()).get_run(run.run_id).info.status == "FINISHED"
