@@ -26,10 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scdgm.serving.loadgen import free_port, run_load, wait_until_ready  # noqa: E402
+from scdgm.serving.loadgen import free_port, run_load, wait_until_ready
 
 HOST = "127.0.0.1"
 TARGETS = {"explain_p50_ms": 20.0, "explain_p99_ms": 100.0, "embed_cells_per_s": 20000.0}
@@ -174,7 +171,7 @@ def main() -> None:
         }
 
         port = free_port()
-        ours = start([sys.executable, "-c", "from pipelines.cli import main; main()", "serve", "--model-uri",
+        ours = start([sys.executable, "-c", "from scdgm.pipelines.cli import main; main()", "serve", "--model-uri",
                       str(model_dir), "--port", str(port), "--workers", str(args.workers), "--max-cells",
                       str(max(cells.n_obs, 10_000)), "--max-body-mb", "512"], folder / "scdgm.log", env, args.server_cpus)
         processes.append(ours)

@@ -182,7 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except (typer.TyperException, click.ClickException) as exc:  # usage errors (Typer >= 0.20 vendors click's)
-        exc.show()
+        message = exc.format_message()
+        if "\n" in message:  # bare `scdgm` / `scdgm data`: the message is the help text itself
+            exc.show()
+        else:
+            context = exc.ctx.command_path if isinstance(exc, typer.TyperException) and exc.ctx else "scdgm"
+            typer.echo(f"error: {message} (see '{context} --help')", err=True)
         sys.exit(exc.exit_code)
     except ScdgmError as exc:
         if debug:

@@ -14,6 +14,7 @@ from scdgm.formats import METRICS_FILE
 from scdgm.pipelines import tracking
 from scdgm.pipelines.config import load_params
 from scdgm.project import REPORTS, optuna_storage, project_path
+from scdgm.stores import normalize_database_url
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 
@@ -67,7 +68,7 @@ def build_report(reports: Path, params: dict[str, Any]) -> str:
         lines += ["MLflow UI:", f"  open {uri}"]
     else:
         lines += ["MLflow UI:", f"  mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"]
-    storage = (params.get("tune") or {}).get("storage") or optuna_storage()
+    storage = normalize_database_url((params.get("tune") or {}).get("storage") or optuna_storage())
     lines += ["Optuna dashboard:", f"  optuna-dashboard {storage} --port 8080   # then open http://127.0.0.1:8080"]
     registered = _read_json(reports / "registered.json")
     if registered:

@@ -85,8 +85,7 @@ def serve_command(
     if ray:
         del service  # each replica loads its own copy
         typer.echo(f"scdgm: Ray Serve with {replicas} replica(s) on http://{host}:{port} (Ctrl-C stops)", err=True)
-        ray_deployment.serve_forever(settings)
-        return
+        raise Terminated(ray_deployment.serve_forever(settings))
 
     options = {"host": host, "port": port, "access_log": False, "log_level": "info", "timeout_graceful_shutdown": 10}
     if workers == 1:

@@ -128,13 +128,19 @@ def running(settings: ServeSettings, num_cpus: int | None = None) -> Iterator[No
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ[PROXY_CALLBACK_ENV] = f"{__name__}:{proxy_middlewares.__name__}"  # Ray's processes inherit it
+    # Ray's C++ failure handler turns SIGTERM into an abort (exit 134) before Python sees it
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     temp_dir = tempfile.mkdtemp(prefix="scdgm-ray-", dir="/tmp")  # unix socket paths must stay short
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(
             num_cpus=num_cpus or max(1, math.ceil(settings.replicas * settings.replica_cpus)),
             include_dashboard=False,
             _temp_dir=temp_dir,
         )
+        for signum, handler in handlers.items():  # ray.init makes SIGTERM a bare exit(15): keep the caller's
+            if handler is not None:
+                signal.signal(signum, handler)
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(application(settings), name=APP_NAME, route_prefix="/")
         yield
@@ -145,11 +151,18 @@ def running(settings: ServeSettings, num_cpus: int | None = None) -> Iterator[No
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def serve_forever(settings: ServeSettings) -> None:
+def serve_forever(settings: ServeSettings) -> int:
     """`scdgm serve --ray`: serve until Ctrl-C or SIGTERM, then stop Serve and Ray in the normal flow (a
-    handler that only sets an event, installed after Ray's own)."""
+    handler that only records the signal, installed after Ray's own); returns the signal's number."""
     stopping = threading.Event()
+    received: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stopping.set()
+
     with running(settings):
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stopping.set())
+            signal.signal(signum, stop)
         stopping.wait()
+    return received[0]

@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
 import uvicorn
 from docblocks import all_blocks, blocks
@@ -295,9 +296,15 @@ def test_pyfunc_example_runs(served_project: tuple[Path, dict[str, str], Servers
     project, _, _ = served_project
     example, = blocks(TRACKING, "## What a run records", "python")
     cells = ad.read_h5ad(project / "data" / "prepared" / "pbmc3k.h5ad")[:20]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     namespace = {"counts_dataframe": cells.to_df(layer="counts" if "counts" in cells.layers else None).astype(int)}
-    exec(compile(example, str(TRACKING), "exec"), namespace)  # noqa: S102
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)  # as a fresh notebook would resolve it; earlier tests set MLflow's global URI
+    try:
+        exec(compile(example, str(TRACKING), "exec"), namespace)  # noqa: S102
+    finally:
+        mlflow.set_tracking_uri(previous)
     embedding = namespace["embedding"]
     assert len(embedding) == 20 and {"latent_0", "pattern", "label"} <= set(embedding.columns)

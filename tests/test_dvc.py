@@ -99,3 +99,15 @@ def test_the_demo_pipeline_is_the_only_one_dvc_collects() -> None:
     stages = dvc(REPO_ROOT, "stage", "list", "--all")
     names = [line.split()[0] for line in stages.splitlines() if line.strip()]
     assert names == list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
+
+
+@pytest.mark.parametrize("pipeline", [REPO_ROOT / "dvc.yaml", REPO_ROOT / "scdgm" / "resources" / "project" / "dvc.yaml"])
+def test_each_plot_is_listed_once(pipeline: Path) -> None:
+    """`dvc plots show` draws a file once per listing: stage-level plots and top-level plots must not overlap, and
+    figures that a sweep may legitimately skip are not listed (a missing plot is an error in DVC)."""
+    document = yaml.safe_load(pipeline.read_text())
+    listed = [next(iter(p)) if isinstance(p, dict) else p for p in document.get("plots", [])]
+    for stage in document["stages"].values():
+        listed += [next(iter(p)) if isinstance(p, dict) else p for p in stage.get("plots", [])]
+    assert len(listed) == len(set(listed)), listed
+    assert not [p for p in listed if p.endswith(("_importance.png", "_history.png"))]

@@ -159,10 +159,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize(("workers", "signum"), [(1, signal.SIGTERM), (2, signal.SIGINT)], ids=["1-SIGTERM", "2-SIGINT"])
-def test_serve_shuts_down_with_the_signals_code(project, tmp_path, workers, signum):
+@pytest.mark.parametrize(("mode", "signum"), [(["--workers", "1"], signal.SIGTERM), (["--workers", "2"], signal.SIGINT),
+                                             (["--ray", "--replicas", "1"], signal.SIGTERM)],
+                         ids=["1-SIGTERM", "2-SIGINT", "ray-SIGTERM"])
+def test_serve_shuts_down_with_the_signals_code(project, tmp_path, mode, signum):
     port = free_port()
-    process = start(project, tmp_path, "serve", "--model-uri", "model", "--port", str(port), "--workers", str(workers))
+    process = start(project, tmp_path, "serve", "--model-uri", "model", "--port", str(port), *mode)
 
     def healthy() -> bool:
         try:
