@@ -9,44 +9,25 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-from tracking_helpers import runs_by_role, tiny_params, write_tiny_prepared
+from tracking_helpers import (
+    POSTGRES,
+    require_postgres,
+    runs_by_role,
+    throwaway_databases,
+    tiny_params,
+    write_tiny_prepared,
+)
 
 from scdgm.pipelines.config import load_params
 from scdgm.pipelines.sweep import run_sweep
 from scdgm.pipelines.tune import settings_from_params
 
 pytestmark = pytest.mark.postgres
-POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test", "connect_timeout": 3}
-
-
-def postgres_error() -> str | None:
-    """Why PostgreSQL cannot be used here (None when it can)."""
-    import psycopg2
-
-    try:
-        psycopg2.connect(**POSTGRES).close()
-    except psycopg2.OperationalError as exc:
-        where = f"{POSTGRES['host']}:{POSTGRES['port']}"
-        return f"PostgreSQL at {where} is not reachable ({str(exc).strip().splitlines()[0][:120]})"
-    return None
-
-
-def require_postgres() -> None:
-    """Skip when PostgreSQL is unreachable, naming why; under CI=true fail instead, since CI provides it."""
-    reason = postgres_error()
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        pytest.fail(f"{reason}; CI=true, where PostgreSQL must run (.ci/run checks it)")
-    pytest.skip(reason)
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -66,23 +47,9 @@ def test_unreachable_postgres_fails_under_ci_and_is_skipped_elsewhere(monkeypatc
 @pytest.fixture
 def databases():
     """Two fresh databases (MLflow's and Optuna's), dropped afterwards."""
-    require_postgres()
-    import psycopg2
-
-    names = [f"scdgm_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "optuna")]
-    connection = psycopg2.connect(**POSTGRES)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'CREATE DATABASE "{name}"')
+    with throwaway_databases("mlflow", "optuna") as names:
         # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2
-        yield [f"postgresql+psycopg2://root@127.0.0.1:5432/{name}" for name in names]
-    finally:
-        with connection.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.close()
+        yield [f"postgresql+psycopg2://{name}" for name in names]
 
 
 @pytest.fixture

@@ -14,7 +14,14 @@ import mlflow
 import optuna
 import pytest
 import yaml
-from tracking_helpers import TINY_SPACE, isolated_tracking, runs_by_role, tiny_params, write_tiny_prepared
+from tracking_helpers import (
+    TINY_SPACE,
+    isolated_tracking,
+    runs_by_role,
+    throwaway_databases,
+    tiny_params,
+    write_tiny_prepared,
+)
 
 from scdgm.errors import ScdgmError
 from scdgm.pipelines import tracking
@@ -183,37 +190,11 @@ def test_postgres_urls_get_the_installed_driver():
         assert normalize_database_url(kept) == kept
 
 
-POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test", "connect_timeout": 3}
-
-
 @pytest.fixture
 def postgres_databases():
-    """Two throwaway databases (Optuna's, MLflow's: both keep an alembic_version table) on the PostgreSQL server
-    at 127.0.0.1:5432, as USER@HOST:PORT/DB, dropped afterwards. An unreachable server skips the test on a
-    developer's machine and fails it under CI=true, where the server is promised."""
-    import uuid
-
-    import psycopg2
-
-    try:
-        connection = psycopg2.connect(**POSTGRES)
-    except psycopg2.OperationalError as exc:
-        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {str(exc).strip()[:120]}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    names = [f"scdgm_{role}_{uuid.uuid4().hex[:8]}" for role in ("optuna", "mlflow")]
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        yield [f"root@127.0.0.1:5432/{name}" for name in names]
-    finally:
-        with connection.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.close()
+    """Two throwaway databases (Optuna's, MLflow's: both keep an alembic_version table), as USER@HOST:PORT/DB."""
+    with throwaway_databases("optuna", "mlflow") as names:
+        yield names
 
 
 @pytest.mark.postgres

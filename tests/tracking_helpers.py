@@ -2,9 +2,15 @@
 store and Optuna storage per test, and readers for what they hold."""
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+import pytest
 import yaml
 from repo import REPO_ROOT
 
@@ -72,3 +78,46 @@ def runs_by_role(uri: str, role: str) -> list[Any]:
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(experiments, filter_string=f"tags.`scdgm.role` = '{role}'", max_results=1000)
+
+
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "root", "dbname": "test", "connect_timeout": 3}
+"""The PostgreSQL server every machine and CI runs (trust auth)."""
+
+
+def postgres_error() -> str | None:
+    """Why PostgreSQL cannot be used here (None when it can)."""
+    try:
+        psycopg2.connect(**POSTGRES).close()
+    except psycopg2.OperationalError as exc:
+        where = f"{POSTGRES['host']}:{POSTGRES['port']}"
+        return f"PostgreSQL at {where} is not reachable ({str(exc).strip().splitlines()[0][:120]})"
+    return None
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is unreachable, naming why; under CI=true fail instead, since CI provides it."""
+    reason = postgres_error()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason}; CI=true, where PostgreSQL must run (.ci/run checks it)")
+    pytest.skip(reason)
+
+
+@contextmanager
+def throwaway_databases(*roles: str) -> Iterator[list[str]]:
+    """One fresh database per role as USER@HOST:PORT/DB (no scheme), dropped afterwards."""
+    require_postgres()
+    names = [f"scdgm_{role}_{uuid.uuid4().hex[:8]}" for role in roles]
+    connection = psycopg2.connect(**POSTGRES)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            for name in names:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        yield [f"{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{name}" for name in names]
+    finally:
+        with connection.cursor() as cursor:
+            for name in names:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.close()
