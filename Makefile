@@ -25,9 +25,12 @@ $(BIN)/scdgm: pyproject.toml
 
 install: $(BIN)/scdgm
 
+# The demo ends by serving the registered champion (reports/registered.json) once: test cells over HTTP.
 demo: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/scdgm report
+	$(BIN)/scdgm serve --check data/prepared/pbmc3k.h5ad --no-access-log \
+	  --model-uri "$$($(BIN)/python -c 'import json; print(json.load(open("reports/registered.json"))["model_uri"])')"
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

@@ -481,6 +481,39 @@ def compute_explanation(
     return Explanation(model, report, _reference_document(run, reference, mean, drivers), run.tables, run.figures)
 
 
+def heldout_label_transfer(
+    model: GenerativeModel, train: ad.AnnData, test: ad.AnnData, settings: ExplainSettings | None = None,
+    **overrides: Any,
+) -> dict[str, float]:
+    """Label transfer as a held-out figure of merit: genes selected on posterior draws of the `train` cells and
+    the pattern table built from their real counts, then scored on posterior draws of the `test` cells against
+    their own labels (`settings.label_key`). Returns `label_transfer_accuracy` (every draw labelled),
+    `label_transfer_coverage` (share of test draws whose pattern the table has seen), the accuracy on those
+    covered draws, and the majority baseline (the training cells' most frequent label, scored on the test cells)."""
+    settings = dataclasses.replace(settings or ExplainSettings(), **overrides)
+    settings.check()
+    train_labels, test_labels = _labels(train, settings.label_key), _labels(test, settings.label_key)
+    if train_labels is None or test_labels is None:
+        raise InputError(f"held-out label transfer needs labels in obs[{settings.label_key!r}] of both cell sets")
+    if settings.n_genes > len(model.genes):
+        raise InputError(f"n_genes ({settings.n_genes}) exceeds the model's {len(model.genes)} genes")
+    run = _sample_and_select(model, train, settings)
+    reference = build_reference(run.counts, train_labels, run.discretizer, run.selected)
+    draws = model.sample(test, source="posterior", draws=settings.draws, seed=settings.seed + 1)
+    transferred = reference.transfer(reference.pattern_bits(draws.x))
+    truth = test_labels[draws.cell_index]
+    seen = (transferred["distance"] == 0).to_numpy()
+    majority = pd.Series(train_labels).value_counts().index[0]
+    return {
+        "label_transfer_accuracy": transfer_accuracy(transferred["label"], truth).overall,
+        "label_transfer_coverage": float(seen.mean()),
+        "label_transfer_covered_accuracy": (
+            transfer_accuracy(transferred["label"][seen], truth[seen]).overall if seen.any() else float("nan")
+        ),
+        "label_transfer_majority_baseline": float((test_labels == majority).mean()),
+    }
+
+
 def explain(
     model: GenerativeModel,
     adata: ad.AnnData,

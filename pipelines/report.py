@@ -59,7 +59,8 @@ def build_report(reports: Path, params: dict[str, Any]) -> str:
         lines += ["Test metrics:", *_format_metrics(metrics), ""]
     comparison = reports / "tune" / "comparison.md"
     if comparison.is_file():
-        lines += ["Sweep comparison (best validation metric per model):", comparison.read_text().rstrip(), ""]
+        lines += ["Sweep: each family's best model compared on the test cells, and the champion:",
+                  comparison.read_text().rstrip(), ""]
     figures = sorted(p for p in reports.rglob("*") if p.suffix in FIGURE_SUFFIXES and "models" not in p.parts)
     if figures:
         lines += ["Figures:", *(f"  {_display(p)}" for p in figures), ""]

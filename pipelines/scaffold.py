@@ -21,6 +21,7 @@ import yaml
 from scdgm.defaults import PARAMS_FILE, default_params, packaged_params_text
 from scdgm.errors import ScdgmError
 from scdgm.files import write_text_atomic
+from scdgm.formats import CHAMPION
 from scdgm.project import project_dir
 
 TEMPLATES = ("dvc.yaml", "MLproject", "gitignore")
@@ -63,7 +64,8 @@ def starter_for(folder: Path, data: Path | None) -> Starter:
     raw = str(resolved.relative_to(folder)) if resolved.is_relative_to(folder) else str(resolved)
     name = dataset_name(data)
     model = register["model"]
-    return Starter(name, raw, f"data/prepared/{name}.h5ad", model, f"artifacts/{name}-{model}", f"{name}-{model}",
+    registered = name if model == CHAMPION else f"{name}-{model}"  # a champion's versions may be any family
+    return Starter(name, raw, f"data/prepared/{name}.h5ad", model, f"artifacts/{name}-{model}", registered,
                    register["alias"])
 
 
@@ -103,10 +105,13 @@ def params_text(starter: Starter) -> str:
 def mlproject_text(starter: Starter) -> str:
     """The MLproject template with the project's data, model and the packaged defaults filled in."""
     defaults = default_params()
+    # one-step entry points take a family; the champion is the pipeline's (train --sweep), so they default to the first swept
+    family = defaults["tune"]["models"][0] if starter.model == CHAMPION else starter.model
     template = string.Template(files("scdgm").joinpath("resources", "project", "MLproject").read_text())
     return template.substitute(
         name=json.dumps(starter.registered), raw=json.dumps(starter.raw), prepared=json.dumps(starter.prepared),
-        model=json.dumps(starter.model), model_dir=json.dumps(starter.model_dir), alias=json.dumps(starter.alias),
+        model=json.dumps(family), tune_models=json.dumps(",".join(defaults["tune"]["models"])),
+        model_dir=json.dumps(starter.model_dir), alias=json.dumps(starter.alias),
         max_epochs=defaults["train"]["common"]["max_epochs"], num_samples=defaults["tune"]["num_samples"],
         tune_max_epochs=defaults["tune"]["max_epochs"],
     )

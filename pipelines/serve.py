@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +18,12 @@ import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from scdgm.errors import Terminated
+from scdgm.errors import InputError, ScdgmError, Terminated
+from scdgm.models.data import split_mask
+from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 from scdgm.serving import ray_deployment
 from scdgm.serving.app import create_app
+from scdgm.serving.loadgen import free_port, wait_until_ready
 from scdgm.serving.resolve import resolve_model
 from scdgm.serving.service import ModelService
 from scdgm.serving.settings import SETTINGS_ENV, ServeSettings
@@ -51,6 +56,47 @@ def serve_workers(settings: ServeSettings, options: dict[str, object]) -> None:
         raise Terminated(supervisor.stopped_by)
 
 
+CHECK_CELLS = 100
+"""Cells `scdgm serve --check` sends (the test split's first ones when the file has a split)."""
+
+
+def check_serving(settings: ServeSettings, service: ModelService, cells: Path) -> str:
+    """Serve the model on a free loopback port in this process, POST up to CHECK_CELLS cells of `cells` (an
+    .h5ad; its test split when it has one) to /v1/explain as a client would, stop the server, and return a
+    one-line summary (with the share of transferred labels that match the cells' own, when they have them)."""
+    import httpx
+
+    adata = read_counts(cells)
+    test = split_mask(adata, "test")
+    chosen = adata[test] if test.any() else adata
+    chosen = chosen[: min(CHECK_CELLS, chosen.n_obs)].copy()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, service), host="127.0.0.1", port=port,
+                                           access_log=False, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="scdgm-serve-check", daemon=True)
+    thread.start()
+    try:
+        wait_until_ready("127.0.0.1", port, "/ready", timeout=120)
+        with tempfile.TemporaryDirectory(prefix="scdgm-check-") as folder:
+            upload = write_h5ad_atomic(chosen, Path(folder) / "cells.h5ad")
+            with upload.open("rb") as handle, httpx.Client(timeout=300) as client:
+                response = client.post(f"http://127.0.0.1:{port}/v1/explain", files={"file": ("cells.h5ad", handle)})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    if response.status_code != 200:
+        raise ScdgmError(f"serving check failed: POST /v1/explain answered {response.status_code}: {response.text[:500]}")
+    answer = response.json()
+    line = (f"served {answer['model']} on http://127.0.0.1:{port}: POST /v1/explain with {len(answer['explanations'])} "
+            f"{'test ' if test.any() else ''}cells of {cells} answered 200")
+    key = answer.get("label_key")
+    if key and key in chosen.obs:
+        labels = [e["label"] for e in answer["explanations"]]
+        agree = sum(label == truth for label, truth in zip(labels, chosen.obs[key].astype(str), strict=True))
+        line += f"; transferred labels match obs[{key!r}] for {agree} of {len(labels)}"
+    return line
+
+
 def serve_command(
     model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model directory.")],
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
@@ -68,6 +114,7 @@ def serve_command(
     cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); CORS is off without it.")] = None,
     torch_threads: Annotated[int, typer.Option(help="torch threads per process or replica.")] = 1,
     access_log: Annotated[bool, typer.Option(help="JSON-lines access log on stderr.")] = True,
+    check: Annotated[Path | None, typer.Option("--check", help="Instead of serving on: start on a free local port, explain up to 100 (test) cells of this .h5ad over HTTP, print the outcome and stop.")] = None,
 ) -> None:
     """Serve latent embeddings and log-linear explanations of new cells over HTTP (docs at /docs)."""
     settings = ServeSettings(
@@ -81,7 +128,14 @@ def serve_command(
     resolve_model(settings.model_uri)  # a bad URI fails here, before the model loads; fills the cache
     if host not in LOOPBACK and token_file is None:
         typer.echo(f"warning: listening on {host} without --token-file: anyone who reaches it can use the model", err=True)
+    if check is not None and (ray or workers != 1):
+        raise InputError("--check serves one in-process server: drop --ray and --workers")
+    if check is not None and not check.is_file():
+        raise InputError(f"--check: no such file {check}")
     service = ModelService.load(settings)  # loading errors are one line too, before anything listens
+    if check is not None:
+        typer.echo(check_serving(settings, service, check))
+        return
     if ray:
         del service  # each replica loads its own copy
         typer.echo(f"scdgm: Ray Serve with {replicas} replica(s) on http://{host}:{port} (Ctrl-C stops)", err=True)

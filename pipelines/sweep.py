@@ -23,6 +23,7 @@ comparable); with fewer, no file is written and a one-line note goes to best.jso
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,12 +46,18 @@ import yaml
 from ray import tune
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
+from tqdm.auto import tqdm
 
 from scdgm.defaults import default_section
 from scdgm.errors import ScdgmError, Terminated
 from scdgm.files import write_json_atomic, write_text_atomic, write_with
-from scdgm.pipelines import tracking
+from scdgm.interpret.explain import ExplainSettings, heldout_label_transfer
+from scdgm.models import model_class
+from scdgm.models.data import split_mask
+from scdgm.models.torch_model import TrainConfig
+from scdgm.pipelines import compare, tracking
 from scdgm.pipelines.train import save_model_dir, train_model
 from scdgm.project import RAY_RESULTS, REPORTS, optuna_storage, project_path
 from scdgm.stores import normalize_database_url
@@ -69,6 +76,8 @@ RAY_TRIAL_KEY = "ray_trial_id"
 """The Optuna trial's user attr naming its Ray trial (set when suggested, before the trial runs)."""
 TAG_OPTUNA_TRIAL = "optuna.trial_number"
 """Tag of a trial run: the number of its Optuna trial in the model's study."""
+TAG_CHAMPION = "scdgm.champion"
+"""Tag of the sweep run: the model family its comparison picked."""
 HISTORY_MIN_COMPLETED = 2
 """Completed trials needed for the optimisation-history plot (one dot is no history)."""
 IMPORTANCE_MIN_COMPLETED = 4
@@ -85,10 +94,14 @@ class SweepSettings:
     name: str
     num_samples: int = 8
     max_concurrent: int = 2
-    max_epochs: int = 15
+    max_epochs: int = 60
     metric: str = "validation_loss"
-    grace_period: int = 3
-    reduction_factor: int = 2
+    grace_period: int = 20
+    reduction_factor: int = 3
+    startup_trials: int = 4
+    budgets: dict[str, dict[str, int]] = field(default_factory=lambda: default_section("tune", "budgets"))
+    select: dict[str, Any] = field(default_factory=lambda: default_section("tune", "select"))
+    explain: dict[str, Any] = field(default_factory=lambda: default_section("explain"))
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     storage: str = field(default_factory=optuna_storage)
@@ -118,10 +131,28 @@ class SweepSettings:
         """Name of model `kind`'s refitted pyfunc on the sweep run (`model` when one model is tuned)."""
         return tracking.MODEL_ARTIFACT if len(self.models) == 1 else f"{tracking.MODEL_ARTIFACT}-{kind}"
 
+    def budget(self, kind: str) -> Budget:
+        """Model `kind`'s trials, epochs per trial and ASHA grace period: the sweep's, overridden by
+        `budgets[kind]`."""
+        values = {"num_samples": self.num_samples, "max_epochs": self.max_epochs, "grace_period": self.grace_period}
+        return Budget(**(values | self.budgets.get(kind, {})))
+
     def fixed_params(self, kind: str) -> dict[str, Any]:
-        """Hyperparameters every trial of `kind` shares: the train section's, the sweep's epoch budget, no
-        progress bar."""
-        return {**self.model_params.get(kind, {}), "max_epochs": self.max_epochs, "progress": False}
+        """Hyperparameters every trial of `kind` shares: the train section's and, for a model trained by epochs,
+        the sweep's epoch budget without a progress bar."""
+        params = dict(self.model_params.get(kind, {}))
+        if issubclass(model_class(kind).Config, TrainConfig):
+            params.update(max_epochs=self.budget(kind).max_epochs, progress=False)
+        return params
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One model's share of the sweep (see SweepSettings.budget)."""
+
+    num_samples: int
+    max_epochs: int
+    grace_period: int
 
 
 
@@ -388,6 +419,7 @@ class ModelOutcome:
     trials: int
     failed: int
     pruned: int
+    completed: int
     sweep_seconds: float
     errors: list[str] = field(default_factory=list)
     refit_seconds: float = 0.0
@@ -407,6 +439,7 @@ class SweepOutcome:
     out: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    champion: compare.Selection | None = None
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -525,20 +558,41 @@ def _trial_name(trial: Trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+class StartupASHA(ASHAScheduler):
+    """ASHA that never stops the first `startup_trials` trials (as Optuna's pruners' n_startup_trials): their
+    values still fill the rungs, so later trials are pruned against complete runs, and every model's sweep ends
+    with at least that many completed trials (what the importance plot and the comparison need)."""
+
+    def __init__(self, startup_trials: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.startup_trials = startup_trials
+        self.started: list[str] = []
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self.started.append(trial.trial_id)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and trial.trial_id in self.started[: self.startup_trials]:
+            return TrialScheduler.CONTINUE
+        return decision
+
+
 def _tuner(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) -> tune.Tuner:
     """A new Tuner, or on --resume the interrupted one: finished and errored trials kept, unfinished restarted."""
-    from ray.tune.schedulers import ASHAScheduler
-
     path = settings.sweep_dir / kind
+    budget = settings.budget(kind)
     if resume and tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(
             str(path), trainable=_trainable(settings, setup), resume_unfinished=True, resume_errored=False,
             restart_errored=False,
         )
-    scheduler = ASHAScheduler(  # max_t one past the budget: ASHA only prunes, a trial ends by itself
+    scheduler = StartupASHA(  # max_t one past the budget: ASHA only prunes, a trial ends by itself
+        settings.startup_trials,
         time_attr="training_iteration",
-        max_t=settings.max_epochs + 1,
-        grace_period=min(settings.grace_period, settings.max_epochs),
+        max_t=budget.max_epochs + 1,
+        grace_period=min(budget.grace_period, budget.max_epochs),
         reduction_factor=settings.reduction_factor,
     )
     return tune.Tuner(
@@ -548,7 +602,7 @@ def _tuner(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) 
             mode="min",
             search_alg=_searcher(settings, kind, setup),
             scheduler=scheduler,
-            num_samples=settings.num_samples,
+            num_samples=budget.num_samples,
             max_concurrent_trials=settings.max_concurrent,
             reuse_actors=True,  # a trial process imports torch, anndata and mlflow once, not per trial
             trial_name_creator=_trial_name,
@@ -583,6 +637,12 @@ def _count_pruned(setup: TrialSetup) -> int:
     return len(runs)
 
 
+def _count_completed(settings: SweepSettings, kind: str) -> int:
+    """How many of `kind`'s Optuna trials completed (ran their whole budget)."""
+    study = optuna.load_study(study_name=settings.study_name(kind), storage=settings.storage)
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
 def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) -> ModelOutcome:
     """Run (or resume) the sweep of one model and pick its best successful trial; raise SweepInterrupted
     (after closing the open trial runs as KILLED) when it stopped before every trial ended."""
@@ -591,7 +651,7 @@ def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: b
         results = _tuner(settings, kind, setup, resume).fit()
     trials = results._experiment_analysis.trials  # noqa: SLF001 - the only view of each trial's status
     unfinished = [t for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)]
-    if unfinished or len(trials) < settings.num_samples:
+    if unfinished or len(trials) < settings.budget(kind).num_samples:
         closer = CloseTrialRuns(setup.tracking_uri, setup.experiment_id, setup.parent_run_id)
         for trial in unfinished:
             closer.close(trial, "KILLED")
@@ -600,7 +660,7 @@ def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: b
         signum = received[0] if received else signal.SIGINT  # Tune itself handles SIGINT
         raise SweepInterrupted(
             f"sweep {settings.name!r} ({kind}) stopped by {signal.Signals(signum).name} after {done} of "
-            f"{settings.num_samples} trials",
+            f"{settings.budget(kind).num_samples} trials",
             signum,
         )
     best, best_value = None, math.inf
@@ -621,6 +681,7 @@ def _tune_model(settings: SweepSettings, kind: str, setup: TrialSetup, resume: b
         trials=len(trials),
         failed=len(errors),
         pruned=_count_pruned(setup),
+        completed=_count_completed(settings, kind),
         sweep_seconds=time.perf_counter() - started,
         errors=errors,
     )
@@ -696,76 +757,124 @@ def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> tuple[list[Pa
     return written, notes
 
 
-def _refit(settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, parent_run_id: str) -> None:
-    """Train the best configuration again (its seed included, so the best trial is reproduced), save it
-    under --out/models/<kind> and log it as the sweep run's pyfunc model."""
+def _comparison_explain(settings: SweepSettings) -> ExplainSettings:
+    """The explanation settings of the comparison: params.yaml's `explain:` (genes, discretisation, labels), with
+    no permutations, prior report, stability or plots, which the label-transfer figure does not use."""
+    known = {f.name for f in dataclasses.fields(ExplainSettings)}
+    section = {k: v for k, v in settings.explain.items() if k in known}
+    section.setdefault("seed", settings.seed)
+    return ExplainSettings.from_params(
+        section | {"permutations": 0, "prior_cells": 0, "stability_boot": 0, "plots": False, "alpha": None}
+    )
+
+
+def _refit(
+    settings: SweepSettings, outcome: ModelOutcome, adata: ad.AnnData, parent_run_id: str, notes: list[str]
+) -> None:
+    """Train the best configuration again (its seed included, so the best trial is reproduced), evaluate it on
+    the test cells with the metrics every family shares (held-out label transfer included), save it under
+    --out/models/<kind> and log it as the sweep run's pyfunc model."""
     kind = outcome.kind
     model, metrics = train_model(kind, adata, {**settings.fixed_params(kind), **outcome.best_config})
+    train, test = split_mask(adata, "train"), split_mask(adata, "test")
+    explain = _comparison_explain(settings)
+    if not (train.any() and test.any()):
+        notes.append(f"{kind}: no held-out label transfer: the data has no obs['split'] with train and test cells")
+    elif explain.label_key not in adata.obs:
+        notes.append(f"{kind}: no held-out label transfer: no obs[{explain.label_key!r}] labels")
+    else:
+        metrics |= heldout_label_transfer(model, adata[train], adata[test], explain)
+    trained_cells = int(split_mask(adata, "train").sum() or adata.n_obs)
+    seconds = float(model.history.seconds)
+    epochs = max(1, len(model.history.epochs))
+    metrics["cells_per_second"] = trained_cells * epochs / seconds if seconds > 0 else math.nan
     model_dir = Path(settings.out) / "models" / kind
     save_model_dir(model, metrics, model_dir, overwrite=True)  # a re-run of the sweep refits its models
-    outcome.refit_seconds = float(model.history.seconds)
+    outcome.refit_seconds = seconds
     outcome.refit_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     outcome.model_dir = str(model_dir)
     outcome.model_uri = tracking.log_pyfunc_model(parent_run_id, model_dir, settings.model_artifact(kind))
 
 
-SUMMARY_METRICS = (
-    "nll_elbo", "nll_marginal", "reconstruction_pearson", "knn_accuracy", "silhouette", "mmd_prior", "c2st_prior",
-)
-"""Evaluation metrics shown in the printed comparison (comparison.csv has every metric the models share)."""
-
-
 def comparison_table(outcomes: dict[str, ModelOutcome], metric: str, full: bool = False) -> pd.DataFrame:
-    """One row per model: trials (failed, pruned), best validation metric, the refit's evaluation metrics
-    that every model reports (all of them, or the summary ones), and training times."""
+    """One row per model: trials (completed, pruned, failed), the best validation metric of its own study, and
+    the refit's held-out metrics: the ones families share (compare.METRICS; NaN where a family has none, e.g.
+    no likelihood), or with `full` every metric any refit reported."""
     import pandas as pd
 
-    common = set.intersection(*(set(o.refit_metrics) for o in outcomes.values())) if outcomes else set()
-    shown = sorted(common) if full else [m for m in SUMMARY_METRICS if m in common]
+    shared = [m.name for m in compare.METRICS]
+    reported = set().union(*(o.refit_metrics for o in outcomes.values())) if outcomes else set()
+    shown = shared + (sorted(reported - set(shared)) if full else [])
     rows = []
     for outcome in outcomes.values():
         row: dict[str, Any] = {
             "model": outcome.kind,
             "trials": outcome.trials,
-            "failed": outcome.failed,
+            "completed": outcome.completed,
             "pruned": outcome.pruned,
+            "failed": outcome.failed,
             f"best_{metric}": outcome.best_value,
         }
-        row.update({k: outcome.refit_metrics[k] for k in shown})
-        row["refit_seconds"] = outcome.refit_seconds
+        row.update({k: outcome.refit_metrics.get(k, math.nan) for k in shown})
         row["sweep_seconds"] = outcome.sweep_seconds
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 
 
+def select_champion(settings: SweepSettings, table: pd.DataFrame, notes: list[str]) -> compare.Selection | None:
+    """The family the pipeline trains and registers, by the declared rule (`tune.select`); None (with a note)
+    when no family has the selection metric, e.g. unlabelled data."""
+    rule = {"metric": "label_transfer_accuracy", "mode": "max", "tie_break": "knn_accuracy", "tolerance": 0.0}
+    rule |= settings.select
+    try:
+        return compare.select_champion(table, rule["metric"], rule["mode"], rule["tie_break"], float(rule["tolerance"]))
+    except ScdgmError as error:
+        notes.append(f"no champion: {error}")
+        return None
+
+
 def best_params_document(settings: SweepSettings, outcome: SweepOutcome) -> str:
-    """A params file for `scdgm train --params`: each model's train settings with the best hyperparameters
-    found (its seed included); the sweep's epoch budget is not carried over."""
-    train = {kind: {**settings.model_params.get(kind, {}), **o.best_config} for kind, o in outcome.models.items()}
-    header = f"# written by `scdgm tune` (sweep {settings.name}); read by `scdgm train --params`\n"
-    return header + yaml.safe_dump({"train": train}, sort_keys=True)
+    """A params file for `scdgm train --params` (or `--sweep`): each model's train settings with the best
+    hyperparameters found (its seed included) and the sweep's epoch budget, and the champion family."""
+    train = {
+        kind: {**settings.model_params.get(kind, {}), **settings.fixed_params(kind), **o.best_config}
+        for kind, o in outcome.models.items()
+    }
+    for params in train.values():
+        params.pop("progress", None)
+    document: dict[str, Any] = {"train": train}
+    if outcome.champion is not None:
+        document["champion"] = outcome.champion.champion
+    header = f"# written by `scdgm tune` (sweep {settings.name}); read by `scdgm train --sweep` or `--params`\n"
+    return header + yaml.safe_dump(document, sort_keys=True)
 
 
 def _write_outputs(settings: SweepSettings, outcome: SweepOutcome) -> list[Path]:
-    """best.json, best_params.yaml (what the DVC train stage reads), comparison.csv and comparison.md (the
-    notes under the table, where `scdgm report` shows them)."""
+    """best.json, best_params.yaml (what the DVC train stage reads), comparison.csv, comparison.md (table,
+    champion and notes, where `scdgm report` shows them) and comparison.png (one panel per shared metric)."""
     out = Path(settings.out)
     best = {
         "sweep": settings.name,
         "parent_run_id": outcome.parent_run_id,
         "metric": settings.metric,
         "seconds": outcome.seconds,
+        "budgets": {kind: asdict(settings.budget(kind)) for kind in outcome.models},
+        "champion": outcome.champion.to_dict() if outcome.champion else None,
         "models": {kind: asdict(o) for kind, o in outcome.models.items()},
         "notes": outcome.notes,
     }
-    summary = comparison_table(outcome.models, settings.metric).to_markdown(floatfmt=".4g") + "\n"
+    table = comparison_table(outcome.models, settings.metric)
+    summary = compare.comparison_markdown(table, outcome.champion)
     summary += "".join(f"\nNote: {note}" for note in outcome.notes) + ("\n" if outcome.notes else "")
-    return [
+    written = [
         write_json_atomic(out / "best.json", best),
         write_text_atomic(out / "best_params.yaml", best_params_document(settings, outcome)),
         write_text_atomic(out / "comparison.csv", comparison_table(outcome.models, settings.metric, True).to_csv()),
         write_text_atomic(out / "comparison.md", summary),
     ]
+    champion = outcome.champion.champion if outcome.champion else None
+    written.append(compare.comparison_figure(table, out / "comparison.png", champion, f"sweep {settings.name}: test cells"))
+    return written
 
 
 # --- the sweep ----------------------------------------------------------------------------------------
@@ -836,13 +945,14 @@ def _tune_models(
 def _conclude(
     settings: SweepSettings, outcomes: dict[str, ModelOutcome], adata: ad.AnnData, parent_run_id: str, started: float
 ) -> SweepOutcome:
-    """Refit each model's best configuration, draw Optuna's plots, write the outputs and log it all."""
+    """Refit each model's best configuration and compare the refits on the test cells, pick the champion
+    family, draw Optuna's plots, write the outputs and log it all to the sweep run."""
     mlflow_client = tracking.client()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    for kind, model_outcome in outcomes.items():
-        _refit(settings, model_outcome, adata, parent_run_id)
+    for kind, model_outcome in tqdm(outcomes.items(), desc="refit and compare", unit="model", disable=None):
+        _refit(settings, model_outcome, adata, parent_run_id, notes)
         tracking.log_metrics(
             mlflow_client,
             parent_run_id,
@@ -854,6 +964,10 @@ def _conclude(
         for plot in plots:
             mlflow_client.log_artifact(parent_run_id, str(plot), artifact_path="optuna")
     outcome = SweepOutcome(settings.name, parent_run_id, outcomes, str(out), time.perf_counter() - started, notes)
+    outcome.champion = select_champion(settings, comparison_table(outcomes, settings.metric), notes)
+    if outcome.champion is not None:
+        mlflow_client.set_tag(parent_run_id, TAG_CHAMPION, outcome.champion.champion)
+        mlflow_client.set_tag(parent_run_id, f"{TAG_CHAMPION}_reason", outcome.champion.reason)
     for path in _write_outputs(settings, outcome):
         mlflow_client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
     tracking.log_metrics(mlflow_client, parent_run_id, {"sweep_seconds": outcome.seconds})

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from scdgm.defaults import read_params_file
 from scdgm.errors import InputError, ScdgmError
 from scdgm.files import atomic_path, write_json_atomic
-from scdgm.formats import METRICS_FILE, MODEL_FILES, is_model_directory
+from scdgm.formats import CHAMPION, METRICS_FILE, MODEL_FILES, is_model_directory
 from scdgm.models import MODEL_KINDS, create_model, load_model, model_class
 from scdgm.models.base import EpochCallback, GenerativeModel
 from scdgm.models.data import split_mask
@@ -116,14 +117,36 @@ def _load(model: Path) -> GenerativeModel:
     return load_model(str(model))
 
 
+SWEEP_PARAMS = "best_params.yaml"
+"""The file in a sweep's --out folder with each family's best hyperparameters, budget and the champion."""
+
+
+def sweep_family(sweep: Path, model: str) -> tuple[str, Path]:
+    """(model kind, params file) for training from the sweep folder `sweep`: `model` is a family it tuned or
+    `champion`, the family its comparison picked."""
+    path = sweep / SWEEP_PARAMS
+    if not path.is_file():
+        raise InputError(f"{sweep}: no {SWEEP_PARAMS}; run `scdgm tune --out {sweep}` first")
+    document = read_params_file(path)
+    swept = sorted(document.get("train") or {})
+    kind = document.get("champion") if model == CHAMPION else model
+    if kind is None:
+        raise ScdgmError(f"{sweep}: the sweep picked no champion (its comparison.md says why); "
+                         f"pass --model with one of the families it tuned: {', '.join(swept)}")
+    if kind not in swept:
+        raise ScdgmError(f"{sweep}: the sweep did not tune {kind}; it tuned {', '.join(swept) or 'nothing'}")
+    return kind, path
+
+
 def train_command(
-    model: Annotated[str, typer.Option("--model", help="Model kind: ae, vae, ldvae, gan, dbm or pca.")],
+    model: Annotated[str, typer.Option("--model", help="Model kind: ae, vae, ldvae, gan, dbm or pca; with --sweep also champion.")],
     data: Annotated[Path, typer.Option("--data", help="Prepared cells (.h5ad) with obs['split'].")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write (with metrics.json).")],
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a hyperparameter, e.g. --set n_latent=5.")
     ] = None,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
+    sweep: Annotated[Path | None, typer.Option("--sweep", help="A `scdgm tune` output folder: train its best configuration of --model (or of its champion) with the sweep's epoch budget.")] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a model already in --out (with everything in its folder).")
     ] = False,
@@ -131,6 +154,12 @@ def train_command(
     """Train a model on prepared cells, evaluate it on the test split and save it with its metrics."""
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
+    if sweep is not None:
+        if params is not None:
+            raise InputError("--sweep and --params exclude each other: --sweep reads the sweep's best_params.yaml")
+        model, params = sweep_family(sweep, model)
+    elif model == CHAMPION:
+        raise InputError("--model champion needs --sweep (the `scdgm tune` output folder whose champion to train)")
     config = load_params(params)
     hyperparameters = model_params(model, config, overrides)
     check_model_dir_target(out, overwrite)

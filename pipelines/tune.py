@@ -18,6 +18,7 @@ import typer
 from scdgm.errors import ScdgmError, Terminated
 from scdgm.models import MODEL_KINDS, model_class
 from scdgm.pipelines import tracking
+from scdgm.pipelines.compare import METRICS
 from scdgm.pipelines.config import apply_overrides, load_params
 from scdgm.pipelines.sweep import SweepInterrupted, SweepSettings, comparison_table, run_sweep
 from scdgm.pipelines.train import model_params
@@ -49,6 +50,45 @@ def check_space(kind: str, space: Any) -> dict[str, Any]:
     return space
 
 
+BUDGET_KEYS = ("num_samples", "max_epochs", "grace_period")
+
+
+def check_budgets(budgets: Any, models: list[str], options: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Validate `tune.budgets` (model -> overrides of num_samples, max_epochs, grace_period); a budget given on the
+    command line (--num-samples, --max-epochs) applies to every model, so it replaces the per-model ones."""
+    if not isinstance(budgets, dict):
+        raise ScdgmError("tune.budgets: expected a mapping of model: {num_samples, max_epochs, grace_period}")
+    checked = {}
+    for kind, budget in budgets.items():
+        if kind not in MODEL_KINDS:
+            raise ScdgmError(f"tune.budgets.{kind}: not a model; choose from {', '.join(MODEL_KINDS)}")
+        if not isinstance(budget, dict) or set(budget) - set(BUDGET_KEYS):
+            raise ScdgmError(f"tune.budgets.{kind}: expected a mapping with keys among {', '.join(BUDGET_KEYS)}")
+        for key, value in budget.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ScdgmError(f"tune.budgets.{kind}.{key}: expected a whole number >= 1, got {value!r}")
+        if kind in models:
+            checked[kind] = {k: v for k, v in budget.items() if options.get(k) is None}
+    return checked
+
+
+def check_select(select: Any) -> dict[str, Any]:
+    """Validate `tune.select`, the rule that picks the champion family: metric, mode, tie_break, tolerance."""
+    names = [m.name for m in METRICS]
+    if not isinstance(select, dict) or set(select) - {"metric", "mode", "tie_break", "tolerance"}:
+        raise ScdgmError("tune.select: expected a mapping with keys among metric, mode, tie_break, tolerance")
+    if select.get("metric", names[0]) not in names:
+        raise ScdgmError(f"tune.select.metric: {select['metric']!r} is not a compared metric; choose from {', '.join(names)}")
+    if select.get("tie_break") not in (None, *names):
+        raise ScdgmError(f"tune.select.tie_break: {select['tie_break']!r} is not a compared metric; choose from {', '.join(names)}")
+    if select.get("mode", "max") not in ("max", "min"):
+        raise ScdgmError(f"tune.select.mode: expected max or min, got {select['mode']!r}")
+    tolerance = select.get("tolerance", 0.0)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ScdgmError(f"tune.select.tolerance: expected a number >= 0, got {tolerance!r}")
+    return dict(select)
+
+
 def _in_project(path: str | Path) -> str:
     """A path from params.yaml, absolute: relative ones are taken from the project folder."""
     return str(project_path(path).resolve())
@@ -78,7 +118,7 @@ def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSetting
         raise ScdgmError("no data: pass --data PREPARED.h5ad")
     dataset = (params.get("data") or {}).get("dataset", "sweep")
     name = section.pop("name", None) or f"{dataset}-{'-'.join(models)}"
-    known = {f.name for f in fields(SweepSettings)} - {"models", "data", "name", "model_params"}
+    known = {f.name for f in fields(SweepSettings)} - {"models", "data", "name", "model_params", "explain"}
     unknown_keys = sorted(set(section) - known)
     if unknown_keys:
         raise ScdgmError(f"tune: unknown setting(s) {', '.join(unknown_keys)}; valid: {', '.join(sorted(known))}")
@@ -88,16 +128,21 @@ def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSetting
     if not section.get("storage"):
         section.pop("storage", None)
     section.setdefault("seed", params.get("seed", 0))
+    section["budgets"] = check_budgets(section.get("budgets") or {}, models, options)
+    section["select"] = check_select(section.get("select") or {})
     section.setdefault("experiment", tracking.experiment_name(params))
     settings = SweepSettings(
         models=list(models),
         data=_in_project(data),
         name=str(name),
         model_params={kind: model_params(kind, params) for kind in models},
+        explain=dict(params.get("explain") or {}),
         **section,
     )
     if min(settings.num_samples, settings.max_concurrent, settings.max_epochs, settings.grace_period) < 1:
         raise ScdgmError("num_samples, max_concurrent, max_epochs and grace_period must be at least 1")
+    if settings.startup_trials < 0:
+        raise ScdgmError(f"tune.startup_trials must be >= 0, got {settings.startup_trials}")
     if settings.cpus_per_trial <= 0 or settings.gpus_per_trial < 0:
         raise ScdgmError("cpus_per_trial must be positive and gpus_per_trial not negative")
     for kind in models:
@@ -161,6 +206,8 @@ def tune_command(
     except SweepInterrupted as exc:
         raise Terminated(exc.signum, f"{exc}; continue it with the same command plus --resume") from None
     typer.echo(comparison_table(outcome.models, settings.metric).to_string(float_format=lambda v: f"{v:.4g}"))
+    if outcome.champion is not None:
+        typer.echo(f"champion: {outcome.champion.champion}: {outcome.champion.reason}")
     for note in outcome.notes:
         typer.echo(f"note: {note}", err=True)
     for kind, result in outcome.models.items():

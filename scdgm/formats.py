@@ -18,3 +18,6 @@ MODEL_FILES = (CONFIG_FILE, GENES_FILE, WEIGHTS_FILE)  # what every saved model 
 def is_model_directory(path: str | Path) -> bool:
     """True when `path` holds a saved scdgm model (config, genes and weights)."""
     return all((Path(path) / name).is_file() for name in MODEL_FILES)
+
+CHAMPION = "champion"
+"""The model name (`scdgm train --model`, params.yaml register.model) meaning the family a sweep picked."""

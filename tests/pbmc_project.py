@@ -47,12 +47,13 @@ class PbmcProject:
 
 
 def reduced_params() -> dict:
-    """The repository's params.yaml (PBMC 3k, the pipeline's LDVAE) with a budget of minutes on 2 cores."""
+    """The repository's params.yaml (PBMC 3k) with a budget of minutes on 2 cores: two families swept (LDVAE and
+    PCA; `make demo` sweeps all six), the champion trained."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["train"]["common"].update(max_epochs=60, patience=10)
     params["tune"].update(
-        num_samples=2, max_concurrent=2, max_epochs=3, grace_period=3,
-        spaces={"ldvae": {"n_latent": ["int", 8, 12], "lr": ["loguniform", 0.002, 0.01]}},
+        models=["ldvae", "pca"], num_samples=2, max_concurrent=2, max_epochs=30, grace_period=10, budgets={},
+        spaces={"ldvae": {"n_latent": ["int", 8, 12], "lr": ["loguniform", 0.002, 0.01]}, "pca": {"n_latent": ["int", 8, 12]}},
     )
     params["explain"].update(permutations=10, stability_boot=0, attribution_cells=100)
     return params

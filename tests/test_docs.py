@@ -224,11 +224,11 @@ def served_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
     (project / "data" / "prepared").mkdir(parents=True)
     write_tiny_prepared(project / "data" / "prepared" / "pbmc3k.h5ad")
     env = _user_env(project)
-    _bash("scdgm train --model ldvae --data data/prepared/pbmc3k.h5ad --out artifacts/pbmc3k-ldvae "
+    _bash("scdgm train --model ldvae --data data/prepared/pbmc3k.h5ad --out artifacts/pbmc3k-champion "
           "--set max_epochs=3 --set n_importance=2\n"
-          "scdgm explain --model artifacts/pbmc3k-ldvae --data data/prepared/pbmc3k.h5ad "
-          "--out artifacts/pbmc3k-ldvae-explanation --n-genes 3 --permutations 5\n", project, env)
-    run_id = json.loads((project / "artifacts" / "pbmc3k-ldvae" / "mlflow_run.json").read_text())["run_id"]
+          "scdgm explain --model artifacts/pbmc3k-champion --data data/prepared/pbmc3k.h5ad "
+          "--out artifacts/pbmc3k-champion-explanation --n-genes 3 --permutations 5\n", project, env)
+    run_id = json.loads((project / "artifacts" / "pbmc3k-champion" / "mlflow_run.json").read_text())["run_id"]
     env["RUN_ID"] = run_id
     servers = Servers(project, env)
     registry, = blocks(TRACKING, "## Registry", "bash")
@@ -247,8 +247,8 @@ def test_serving_walkthrough_runs_as_written(served_project: tuple[Path, dict[st
     starting, = blocks(SERVING, "## Starting it", "bash")
     ports = [servers.start(line) for line in _commands(starting)]
     infos = [servers.ready(port) for port in ports]
-    assert [(i["name"], i["version"]) for i in infos[:2]] == [("pbmc3k-ldvae", "2"), ("pbmc3k-ldvae", "1")]
-    assert infos[2]["version"] == env["RUN_ID"] and infos[3]["name"] == "pbmc3k-ldvae"
+    assert [(i["name"], i["version"]) for i in infos[:2]] == [("pbmc3k", "2"), ("pbmc3k", "1")]
+    assert infos[2]["version"] == env["RUN_ID"] and infos[3]["name"] == "pbmc3k-champion"  # a directory: its name
     assert infos[0]["has_explanation"] and len({tuple(i["genes"]) for i in infos}) == 1
     port = ports[0]  # the champion
 
@@ -263,7 +263,7 @@ def test_serving_walkthrough_runs_as_written(served_project: tuple[Path, dict[st
 
     model_info, dense, sparse, upload, python_example = (
         blocks(SERVING, "## Sending cells", "bash") + blocks(SERVING, "## Sending cells", "python"))
-    assert run(model_info) == [] and json.loads((project / "model.json").read_text())["name"] == "pbmc3k-ldvae"
+    assert run(model_info) == [] and json.loads((project / "model.json").read_text())["name"] == "pbmc3k"
     dense_answer, = run(dense)
     sparse_answer, = run(sparse)
     assert dense_answer["cells"] == ["cell-1", "cell-2"] and dense_answer["missing_genes"] == []
@@ -281,8 +281,8 @@ def test_serving_walkthrough_runs_as_written(served_project: tuple[Path, dict[st
 
     other, = blocks(SERVING, "## The other endpoints", "bash")
     answers = run(other)
-    assert answers[0] == {"status": "ok"} and answers[1] == {"status": "ready", "model": "pbmc3k-ldvae"}
-    assert answers[2]["name"] == "pbmc3k-ldvae" and len(answers[3]["explanations"]) == 2
+    assert answers[0] == {"status": "ok"} and answers[1] == {"status": "ready", "model": "pbmc3k"}
+    assert answers[2]["name"] == "pbmc3k" and len(answers[3]["explanations"]) == 2
     assert "openapi" in answers[4]
     assert all("detail" not in answer for answer in answers)
 

@@ -92,7 +92,7 @@ def test_readme_experiment_reaches_the_trained_model() -> None:
     key, _ = readme_experiment()
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     assert key.split(".")[0] in stages["tune"]["params"] and key.startswith("tune.spaces.")
-    assert "--params ${tune.out}/best_params.yaml" in stages["train"]["cmd"]
+    assert "--sweep ${tune.out}" in stages["train"]["cmd"]
 
 
 def project_env() -> dict[str, str]:

@@ -28,10 +28,11 @@ def tiny_params(project: Path) -> dict:
     params["tune"].update(
         num_samples=2, max_concurrent=1, max_epochs=2, grace_period=1, name="dvc-sweep",
         storage=f"sqlite:///{project / 'optuna.db'}", results_dir=str(project / "ray_results"),
-        spaces={"ldvae": {"n_latent": ["int", 2, 4], "lr": ["loguniform", 0.001, 0.01]}},
+        models=["ldvae", "pca"], budgets={},
+        spaces={"ldvae": {"n_latent": ["int", 2, 4], "lr": ["loguniform", 0.001, 0.01]}, "pca": {"n_latent": ["int", 2, 4]}},
     )
     params["explain"].update(n_genes=3, permutations=0, prior_cells=0, attribution_cells=20, stability_boot=0)
-    params["register"].update(model_dir="artifacts/sim-ldvae", name="sim-ldvae")
+    params["register"].update(model_dir="artifacts/sim-champion", name="sim")
     return params
 
 
@@ -78,13 +79,15 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     run(project, str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").is_file()
     registered = json.loads((project / "reports" / "registered.json").read_text())
-    assert registered["model_uri"] == "models:/sim-ldvae@champion" and registered["version"] == "1"
+    assert registered["model_uri"] == "models:/sim@champion" and registered["version"] == "1"
     assert registered["promoted"] and "no champion yet" in registered["decision"]["reason"]
-    best = yaml.safe_load((project / "reports" / "tune" / "best_params.yaml").read_text())["train"]["ldvae"]
+    sweep = yaml.safe_load((project / "reports" / "tune" / "best_params.yaml").read_text())
+    best = sweep["train"][sweep["champion"]]  # the train stage trains the family the sweep picked
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    train_id = json.loads((project / "artifacts" / "sim-ldvae" / "mlflow_run.json").read_text())["run_id"]
+    train_id = json.loads((project / "artifacts" / "sim-champion" / "mlflow_run.json").read_text())["run_id"]
     train_run = client.get_run(train_id)
+    assert train_run.data.tags["scdgm.model_kind"] == sweep["champion"]
     assert train_run.data.params["n_latent"] == str(best["n_latent"])  # the train stage used the sweep's best
     trained = artifact_hashes(client, train_id, tmp_path / "before")
     evaluations = client.search_runs([train_run.info.experiment_id], f"tags.`scdgm.model_run_id` = '{train_id}'")
@@ -101,11 +104,11 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     assert decision["candidate_value"] == measured and decision["champion_version"] == "1"
     promoted = decision["candidate_value"] > decision["champion_value"]  # the rule: max, min_delta 0
     assert registered["promoted"] == promoted
-    champion = client.get_model_version_by_alias("sim-ldvae", "champion").version
+    champion = client.get_model_version_by_alias("sim", "champion").version
     assert str(champion) == ("2" if promoted else "1")
-    assert str(client.get_model_version_by_alias("sim-ldvae", "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias("sim", "candidate").version) == "2"
     assert artifact_hashes(client, train_id, tmp_path / "after") == trained  # the finished run is untouched
     assert client.get_run(train_id).data.metrics == train_run.data.metrics
 
     report = run(project, str(BIN / "scdgm"), "report", "--reports", "reports", "--params", "params.yaml")
-    assert "models:/sim-ldvae@champion" in report and "mlflow ui --backend-store-uri" in report
+    assert "models:/sim@champion" in report and f"Champion: {sweep['champion']}" in report and "mlflow ui --backend-store-uri" in report

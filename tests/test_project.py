@@ -120,10 +120,13 @@ def test_init_writes_a_starter_project_and_refuses_to_overwrite(tmp_path, monkey
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["data"] == {"dataset": "my-cells", "raw": str(tmp_path / "my cells.h5ad"),
                               "prepared": "data/prepared/my-cells.h5ad"}
-    assert params["register"]["name"] == "my-cells-ldvae" and params["register"]["model_dir"] == "artifacts/my-cells-ldvae"
+    assert params["register"]["name"] == "my-cells" and params["register"]["model_dir"] == "artifacts/my-cells-champion"
     assert "# genes detected per cell" in (project / "params.yaml").read_text()  # the commented defaults
     mlproject = yaml.safe_load((project / "MLproject").read_text())
     assert mlproject["entry_points"]["prepare"]["parameters"]["input"]["default"] == str(tmp_path / "my cells.h5ad")
+    entries = mlproject["entry_points"]  # one-step entry points take a family; the tune entry sweeps them all
+    assert entries["train"]["parameters"]["model"]["default"] == "vae"
+    assert entries["tune"]["parameters"]["model"]["default"] == "vae,ldvae,ae,gan,dbm,pca"
     ignored = (project / ".gitignore").read_text().split()
     assert all(f"/{name}" in ignored or f"/{name}/" in ignored for name in STATE)
     assert (project / ".git").is_dir() and "analytics = false" in (project / ".dvc" / "config").read_text()

@@ -392,6 +392,26 @@ def test_cli_reports_a_bad_model_uri_in_one_line(tmp_path: Path) -> None:
         assert fragment in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_check_explains_test_cells_over_http_and_stops(model_dir: Path, prepared: ad.AnnData, tmp_path: Path) -> None:
+    """`scdgm serve --check CELLS` (the end of `make demo`): a real server on a free port answers /v1/explain for
+    the test cells, the command reports how many labels match and exits 0 with nothing left listening."""
+    cells = tmp_path / "cells.h5ad"
+    prepared.write_h5ad(cells)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}", "SCDGM_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([*SCDGM, "serve", "--model-uri", str(model_dir), "--check", str(cells), "--no-access-log"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tested = int((prepared.obs["split"] == "test").sum())
+    assert f"POST /v1/explain with {min(tested, 100)} test cells" in done.stdout and "answered 200" in done.stdout
+    agree = done.stdout.split("match obs['cell_type'] for ")[1].split(" of ")[0]
+    assert int(agree) > min(tested, 100) / 4  # four types: better than chance
+    for argv, fragment in ((["--check", str(tmp_path / "none.h5ad")], "no such file"),
+                           (["--check", str(cells), "--workers", "2"], "drop --ray and --workers")):
+        refused = subprocess.run([*SCDGM, "serve", "--model-uri", str(model_dir), *argv],
+                                 capture_output=True, text=True, env=env, timeout=120)
+        assert refused.returncode == 2 and fragment in refused.stderr and "Traceback" not in refused.stderr
+
+
 # --- model URIs from the MLflow registry -----------------------------------------------------------------------
 def test_registered_model_is_resolved_and_served(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  test_cells: ad.AnnData) -> None:
@@ -548,7 +568,7 @@ def test_schemathesis_finds_no_server_errors(server: ThreadServer, capsys: pytes
 # --- the README's "done when": the pipeline's registered PBMC 3k model -------------------------------------------
 @pytest.mark.slow
 def test_pbmc3k_champion_serves_the_test_split(pbmc_project: PbmcProject, capsys: pytest.CaptureFixture) -> None:
-    """`dvc repro` on PBMC 3k registers a champion; `scdgm serve --model-uri models:/pbmc3k-ldvae@champion` embeds
+    """`dvc repro` on PBMC 3k registers a champion; `scdgm serve --model-uri models:/pbmc3k@champion` embeds
     and explains the test split, and the labels it transfers agree with the annotated types at least as well as
     `scdgm explain` reported (less 0.05), as `scdgm evaluate` measured (within 0.01), and far better than always
     answering the commonest type."""

@@ -12,6 +12,7 @@ import time
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from tracking_helpers import (
@@ -98,7 +99,7 @@ def test_sweep_prunes_survives_a_failing_trial_and_refits_the_best(tiny_data, lo
     assert best["best_config"] == outcome.best_config and "seed" in best["best_config"]
     document = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
     assert model_params("ldvae", document)["lr"] == outcome.best_config["lr"]
-    assert (tmp_path / "tune" / "comparison.csv").read_text().startswith("model,trials,failed,pruned,best_validation_loss")
+    assert (tmp_path / "tune" / "comparison.csv").read_text().startswith("model,trials,completed,pruned,failed,best_validation_loss")
 
     with pytest.raises(ScdgmError, match="sweep 'sweep' exists"):
         run_sweep(settings)  # the same name again needs --resume or --overwrite
@@ -169,8 +170,9 @@ def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
         check_space("ldvae", {"lr": ["loguniform", 0, 1]})
     with pytest.raises(ScdgmError, match="first element"):
         check_space("ldvae", {"lr": ["normal", 0, 1]})
+    no_pca = {**params, "tune": {**params["tune"], "spaces": {"ldvae": TINY_SPACE}}}
     with pytest.raises(ScdgmError, match="no search space for pca"):
-        settings_from_params(params, models="pca")
+        settings_from_params(no_pca, models="pca")
     assert params["tune"]["spaces"]["ldvae"] == TINY_SPACE  # a project's space replaces the packaged one whole
     with pytest.raises(ScdgmError, match="unknown model"):
         settings_from_params(params, models="ldvae,nope")
@@ -181,6 +183,93 @@ def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
     settings = settings_from_params(params, models="ldvae", num_samples=3, address="10.0.0.1:6380")
     assert settings.num_samples == 3 and settings.address == "10.0.0.1:6380" and os.path.isabs(settings.data)
     assert settings.fixed_params("ldvae")["max_epochs"] == settings.max_epochs
+    for bad, message in (
+        ({"budgets": {"nope": {"num_samples": 2}}}, "tune.budgets.nope: not a model"),
+        ({"budgets": {"ldvae": {"epochs": 2}}}, "keys among num_samples"),
+        ({"budgets": {"ldvae": {"max_epochs": 0}}}, "tune.budgets.ldvae.max_epochs: expected a whole number"),
+        ({"select": {"metric": "accuracy"}}, "tune.select.metric: 'accuracy' is not a compared metric"),
+        ({"select": {"mode": "best"}}, "tune.select.mode: expected max or min"),
+        ({"select": {"tie_break": "speed"}}, "tune.select.tie_break"),
+        ({"startup_trials": -1}, "startup_trials must be >= 0"),
+    ):
+        with pytest.raises(ScdgmError, match=message):
+            settings_from_params({**params, "tune": {**params["tune"], **bad}}, models="ldvae")
+    per_model = {**params, "tune": {**params["tune"], "budgets": {"ldvae": {"num_samples": 2, "max_epochs": 7}},
+                                    "spaces": {**params["tune"]["spaces"], "pca": {"n_latent": ["int", 2, 3]}}}}
+    settings = settings_from_params(per_model, models="ldvae,pca")
+    assert (settings.budget("ldvae").num_samples, settings.budget("ldvae").max_epochs) == (2, 7)
+    assert settings.budget("pca").num_samples == settings.num_samples
+    assert settings.fixed_params("ldvae")["max_epochs"] == 7 and "max_epochs" not in settings.fixed_params("pca")
+    scaled = settings_from_params(per_model, models="ldvae,pca", max_epochs=30)  # the command line scales every model
+    assert scaled.budget("ldvae").max_epochs == 30 and scaled.budget("ldvae").num_samples == 2
+
+
+FAMILY_SPACES = {
+    "vae": TINY_SPACE,
+    "ldvae": TINY_SPACE,
+    "ae": {"n_hidden": ["choice", 16, 32], "n_latent": ["int", 2, 4], "lr": ["loguniform", 1e-3, 3e-2]},
+    "gan": {"n_hidden": ["choice", 16, 32], "n_layers": 1, "n_latent": ["int", 2, 4], "n_critic": ["choice", 2, 3]},
+    "dbm": {"n_hidden1": ["choice", 16, 32], "n_hidden2": 8, "gibbs_steps": ["int", 1, 2], "n_chains": 50, "burn_in": 20},
+    "pca": {"n_latent": ["int", 2, 4]},
+}
+
+
+def test_every_family_is_swept_compared_on_test_cells_and_the_champion_trained(tiny_data, local_ray, tmp_path, monkeypatch):
+    """The pipeline's default sweep on small data: one study per family under one sweep run, the first trials of
+    each never pruned, the refits compared on the test cells, the champion picked by tune.select and trained by
+    `scdgm train --model champion --sweep` with the sweep's budget."""
+    from scdgm.models import MODEL_KINDS
+    from scdgm.pipelines.cli import main
+    from scdgm.pipelines.compare import METRICS, select_champion
+
+    uri = isolated_tracking(monkeypatch, tmp_path)
+    params = load_params(tiny_params(
+        tmp_path, tiny_data, models=list(MODEL_KINDS), num_samples=3, max_concurrent=2, max_epochs=2, grace_period=1,
+        startup_trials=2, spaces=FAMILY_SPACES,  # budgets merge key by key with the packaged gan and dbm ones
+        budgets={"gan": {"num_samples": 3, "max_epochs": 2, "grace_period": 1}, "dbm": {"max_epochs": 2}, "pca": {"num_samples": 2}},
+    ))
+    settings = settings_from_params(params, name="families")
+    outcome = run_sweep(settings)
+
+    assert list(outcome.models) == list(MODEL_KINDS)
+    for kind, result in outcome.models.items():
+        trials = optuna.load_study(study_name=f"families-{kind}", storage=settings.storage).trials
+        assert len(trials) == settings.budget(kind).num_samples
+        assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]  # startup trials are never pruned
+        assert result.completed >= 2 and result.failed == 0
+    table = pd.read_csv(tmp_path / "tune" / "comparison.csv", index_col="model")
+    assert list(table.index) == list(MODEL_KINDS)
+    shared = ["label_transfer_accuracy", "label_transfer_coverage", "knn_accuracy", "silhouette", "mmd_prior",
+              "c2st_prior", "mmd_posterior", "c2st_posterior", "training_seconds", "cells_per_second"]
+    assert table[shared].notna().all().all()  # every family: the same metrics on the same test cells
+    assert table.loc[["vae", "ldvae"], "nll_elbo"].notna().all() and table.loc[["gan", "pca"], "nll_elbo"].isna().all()
+    assert table["label_transfer_accuracy"].between(0, 1).all() and table["label_transfer_coverage"].between(0, 1).all()
+    expected = select_champion(table[[m.name for m in METRICS]], "label_transfer_accuracy", "max", "knn_accuracy")
+    assert outcome.champion.champion == expected.champion  # the declared rule, recomputed from the written table
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert best["champion"]["champion"] == expected.champion and best["champion"]["reason"] in (tmp_path / "tune" / "comparison.md").read_text()
+    assert (tmp_path / "tune" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (parent,) = runs_by_role(uri, "sweep")
+    assert parent.data.tags["scdgm.champion"] == expected.champion
+    logged = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/comparison.png", "sweep/comparison.csv", "sweep/comparison.md"} <= logged
+    assert {f"{kind}.label_transfer_accuracy" for kind in MODEL_KINDS} <= set(parent.data.metrics)
+
+    document = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
+    assert document["champion"] == expected.champion and document["train"]["gan"]["max_epochs"] == 2
+    assert "max_epochs" not in document["train"]["pca"]
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--model", "champion", "--sweep", "tune", "--data", str(tiny_data), "--out", "champion"])
+    trained = json.loads((tmp_path / "champion" / "config.json").read_text())
+    assert trained["kind"] == expected.champion
+    main(["train", "--model", "gan", "--sweep", "tune", "--data", str(tiny_data), "--out", "gan"])
+    gan = json.loads((tmp_path / "gan" / "metrics.json").read_text())
+    assert gan["epochs"] <= 2  # the sweep's budget, not train.common.max_epochs
+    for argv in (["--model", "champion"], ["--model", "vae", "--sweep", "nowhere"],
+                 ["--model", "vae", "--sweep", "tune", "--params", "tune/best_params.yaml"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *argv, "--data", str(tiny_data), "--out", "x"])
+        assert exit_info.value.code == 2 and not (tmp_path / "x").exists()
 
 
 def test_postgres_urls_get_the_installed_driver():

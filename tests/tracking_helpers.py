@@ -54,6 +54,8 @@ def tiny_params(tmp_path: Path, data: Path, **tune: Any) -> Path:
             "out": str(tmp_path / "tune"),
             "spaces": {"ldvae": dict(TINY_SPACE)},
             "points_to_evaluate": [],
+            "startup_trials": 0,  # ASHA alone: these tests check its pruning
+            "budgets": {},
         }
     )
     section.update(tune)
