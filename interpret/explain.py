@@ -142,7 +142,8 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 def _selection_records(result: SelectionResult, genes: list[str]) -> list[dict[str, Any]]:
     frame = result.to_frame(genes)
-    frame["pvalue"] = frame["pvalue"].astype(object).where(frame["pvalue"].notna(), None)
+    for column in ("pvalue", "pvalue_floor", "null_max_g2", "g2_over_null_max"):  # JSON null, not NaN
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     return frame.to_dict(orient="records")
 
 

@@ -57,15 +57,26 @@ class SelectionResult:
     stopped_early: bool = False
     stop_pvalue: float | None = None
     """When selection stopped because a step's p-value exceeded alpha: that p-value (its gene is not kept)."""
+    null_max: list[float] | None = None
+    """Per step, the largest G² any permutation reached: G² / null_max > 1 ranks steps whose p-values all sit at
+    the floor 1 / (permutations + 1) (p is then an upper bound: more permutations could only lower it)."""
+    permutations: int = 0
 
     def to_frame(self, gene_names: Sequence[str] | None = None) -> pd.DataFrame:
-        """One row per step: gene index (and name), winning latent, G² and p-value."""
+        """One row per step: gene index (and name), winning latent, G², p-value and, with permutations, the
+        p-value floor, whether p sits at it, the permutations' largest G² and G² relative to it."""
+        tested = self.pvalues is not None
+        floor = 1.0 / (self.permutations + 1) if tested else np.nan
         frame = pd.DataFrame({
             "step": np.arange(1, len(self.genes) + 1),
             "gene_index": self.genes,
             "latent": self.latents,
             "g2": self.g2,
-            "pvalue": self.pvalues if self.pvalues is not None else np.nan,
+            "pvalue": self.pvalues if tested else np.nan,
+            "pvalue_floor": floor,
+            "at_floor": [bool(p <= floor * (1 + 1e-9)) for p in self.pvalues] if tested else False,
+            "null_max_g2": self.null_max if tested else np.nan,
+            "g2_over_null_max": np.asarray(self.g2) / np.asarray(self.null_max) if tested else np.nan,
         })
         if gene_names is not None:
             frame.insert(2, "gene", [gene_names[i] for i in self.genes])
@@ -272,7 +283,8 @@ def _select(
     """The greedy loop of `stepwise_select` on a prepared problem."""
     if not 1 <= n_genes <= min(problem.shape[1], MAX_SELECTED):
         raise ScdgmError(f"n_genes must be in [1, {min(problem.shape[1], MAX_SELECTED)}], got {n_genes}")
-    result = SelectionResult([], [], [], [] if permutations > 0 else None, [], problem.model, problem.empty_cell)
+    result = SelectionResult([], [], [], [] if permutations > 0 else None, [], problem.model, problem.empty_cell,
+                             null_max=[] if permutations > 0 else None, permutations=permutations)
     for step in range(n_genes):
         matrix = problem.g2(result.genes)
         gene, latent = np.unravel_index(np.nanargmax(matrix), matrix.shape)
@@ -283,6 +295,7 @@ def _select(
                 result.stopped_early, result.stop_pvalue = True, test.pvalue
                 break
             result.pvalues.append(test.pvalue)
+            result.null_max.append(float(test.null.max()))
         result.genes.append(int(gene))
         result.latents.append(int(latent))
         result.g2.append(float(matrix[gene, latent]))

@@ -173,11 +173,13 @@ class GenerativeModel(ABC):
         """Train on the counts of `adata` (.X, or `adata.layers[layer]`), checked to be raw counts.
 
         Cells with obs['split'] == 'train' are trained on, early stopping watches 'validation'. Without a 'split'
-        column a seeded random tenth of the cells is held out for validation, with a warning saying so; `adata`
+        column a seeded random tenth of the cells (stratified by batch when the model has a batch key) is held
+        out for validation, with a warning saying so; `adata`
         itself is never modified. `callbacks` are called after every epoch with (epoch, metrics).
         """
         counts = training_counts(adata, layer)
-        train, validation = fit_split(adata.obs, self.config.seed)
+        batch = None if self.batch_key is None or self.batch_key not in adata.obs else adata.obs[self.batch_key]
+        train, validation = fit_split(adata.obs, self.config.seed, None if batch is None else batch.astype(str).to_numpy())
         self.genes = [str(g) for g in adata.var_names]
         self.history = self.fit_counts(counts, adata.obs, train, validation, callbacks)
         return self.history

@@ -122,10 +122,15 @@ def split_mask(adata: ad.AnnData, split: str | None) -> np.ndarray:
     return mask
 
 
-def fit_split(obs: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
+STRATA_NOTE = "batch"
+"""What `GenerativeModel.fit` stratifies its automatic validation split by (when the model has a batch key)."""
+
+
+def fit_split(obs: pd.DataFrame, seed: int, strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) masks: from obs['split'] when present, else a seeded random split holding out
-    VALIDATION_FRACTION of the cells for validation (none below MIN_CELLS_FOR_VALIDATION cells), announced
-    with a UserWarning. obs is only read: the automatic split is not written anywhere."""
+    VALIDATION_FRACTION of the cells for validation (none below MIN_CELLS_FOR_VALIDATION cells), stratified by
+    `strata` (one label per cell: every stratum gives its share), announced with a UserWarning. obs is only
+    read: the automatic split is not written anywhere."""
     n_cells = len(obs)
     if "split" in obs:
         split = obs["split"].astype(str).to_numpy()
@@ -135,11 +140,16 @@ def fit_split(obs: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
         return train, validation
     n_validation = round(VALIDATION_FRACTION * n_cells) if n_cells >= MIN_CELLS_FOR_VALIDATION else 0
     validation = np.zeros(n_cells, dtype=bool)
-    validation[np.random.default_rng(seed).permutation(n_cells)[:n_validation]] = True
+    rng = np.random.default_rng(seed)
+    if n_validation:  # every k-th cell of the cells sorted by stratum, randomly within it: strata keep their share
+        order = np.lexsort((rng.random(n_cells), np.zeros(n_cells) if strata is None else np.asarray(strata)))
+        step = n_cells / n_validation
+        validation[order[(rng.random() * step + step * np.arange(n_validation)).astype(np.int64)]] = True
     share = n_validation / max(n_cells, 1)
     warnings.warn(
         f"obs has no 'split' column: training on a random {1 - share:.0%} of the cells and validating (early "
-        f"stopping) on the other {share:.0%} ({n_validation} cells, seed {seed}); the AnnData is not modified. "
+        f"stopping) on the other {share:.0%} ({n_validation} cells, seed {seed}"
+        f"{'' if strata is None else ', stratified by ' + STRATA_NOTE}); the AnnData is not modified. "
         "Set obs['split'] to 'train'/'validation'/'test' to choose the cells.",
         UserWarning,
         stacklevel=3,

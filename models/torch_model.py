@@ -107,6 +107,10 @@ class TorchModel(GenerativeModel):
         if self.module.library_prior is not None:
             self.module.library_prior.fit(train_batches.log_library, train_batches.batch_codes)
 
+    def warmup_epochs(self) -> int:
+        """Epochs whose objective a schedule still changes (none here): the loop neither keeps nor stops on them."""
+        return 0
+
     # --- fitting ---------------------------------------------------------------------------------------
     def fit_counts(
         self,
@@ -129,6 +133,7 @@ class TorchModel(GenerativeModel):
         validation_batches = self._batches(counts[validation], codes, validation) if validation.any() else None
         loop = LoopConfig(
             max_epochs=config.max_epochs,
+            min_epochs=self.warmup_epochs(),
             patience=config.patience,
             grad_clip=config.grad_clip,
             progress=config.progress,

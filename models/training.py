@@ -38,6 +38,8 @@ class LoopConfig:
     """Settings of the loop itself (model hyperparameters live in each model's Config)."""
 
     max_epochs: int = 100
+    min_epochs: int = 0
+    """Epochs of warm-up (e.g. a KL weight still rising): no best state, no early stop, no LR step before them."""
     patience: int = 10
     min_delta: float = 0.0
     lr_patience: int = 5
@@ -167,13 +169,16 @@ def fit_module(
             metrics["epoch"] = epoch
             history.epochs.append(metrics)
             value = metrics[monitor]
-            if value < best_value - config.min_delta:
+            if epoch < config.min_epochs:
+                pass  # the objective still changes with the schedule: no epoch of the warm-up is a candidate
+            elif value < best_value - config.min_delta:
                 best_value, waited, history.best_epoch = value, 0, epoch
                 best_state = copy.deepcopy(module.state_dict())
             else:
                 waited += 1
-            for scheduler in schedulers:
-                scheduler.step(value)
+            if epoch >= config.min_epochs:
+                for scheduler in schedulers:
+                    scheduler.step(value)
             bar.set_postfix({monitor: f"{value:.4g}"})
             for callback in callbacks:
                 callback(epoch, metrics)

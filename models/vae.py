@@ -301,6 +301,11 @@ class VAE(TorchCountEncoder):
     Config = VAEConfig
     linear_decoder: ClassVar[bool] = False
 
+    def warmup_epochs(self) -> int:
+        """The KL warm-up (kl_warmup_fraction of max_epochs): best state, early stopping and LR steps start after
+        it, so the model kept has the full KL weight and training always runs past the warm-up."""
+        return min(math.ceil(self.config.kl_warmup_fraction * self.config.max_epochs), self.config.max_epochs - 1)
+
     def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> VAEModule:
         module = VAEModule(n_genes, n_batches, self.config, self.linear_decoder)
         if train_counts is not None:

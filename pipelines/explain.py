@@ -74,7 +74,9 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines: the selected genes with G² and p-values, and label-transfer accuracy."""
     lines = [f"wrote {report['directory']}: {report['model']['kind']} explained on {report['data']['n_cells']} cells"]
     for step in report["selection"]:
-        pvalue = "" if step["pvalue"] is None else f"  p={step['pvalue']:.3g}"
+        pvalue = "" if step["pvalue"] is None else (
+            f"  p<={step['pvalue']:.3g} (floor; G2 {step['g2_over_null_max']:.1f}x the permutations' largest)"
+            if step.get("at_floor") else f"  p={step['pvalue']:.3g}")
         lines.append(f"  {step['step']:>2}. {step['gene']:<14} latent {step['latent']}  G2={step['g2']:.1f}{pvalue}")
     transfer = report["label_transfer"]
     if "accuracy" in transfer:

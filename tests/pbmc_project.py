@@ -72,10 +72,12 @@ def build(folder: Path) -> PbmcProject:
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    produced = {str(next(iter(out)) if isinstance(out, dict) else out) for stage in pipeline["stages"].values()
+                for out in stage.get("outs", []) + stage.get("metrics", [])}  # a checkout's `make demo` outputs stay
     for stage in pipeline["stages"].values():
         for dep in stage.get("deps", []):
             source = REPO_ROOT / str(dep)
-            if "${" not in str(dep) and source.exists() and not (folder / dep).exists():
+            if "${" not in str(dep) and dep not in produced and source.exists() and not (folder / dep).exists():
                 if source.is_dir():
                     shutil.copytree(source, folder / dep, ignore=shutil.ignore_patterns("__pycache__"))
                 else:

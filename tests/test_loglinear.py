@@ -102,6 +102,22 @@ def test_stepwise_selection_picks_the_largest_g2_each_step():
     assert frame["gene"].tolist() == [f"g{i}" for i in result.genes]
 
 
+def test_pvalues_at_the_floor_are_flagged_and_ranked_by_g2_over_the_null():
+    """Strong signals sit at the floor 1/(B+1); the table says so, gives the permutations' largest G², and G² /
+    that maximum still orders the steps (signal genes far above 1, a noise gene near or below it)."""
+    rng = np.random.default_rng(3)
+    h = (rng.random((400, 2)) < 0.5).astype(np.uint8)
+    signal = h ^ (rng.random((400, 2)) < np.array([0.05, 0.25]))  # gene 0 tied to latent 0, gene 1 looser to 1
+    x = np.hstack([signal, rng.random((400, 3)) < 0.5]).astype(np.uint8)
+    result = stepwise_select(x, h, 3, permutations=49, seed=0)
+    frame = result.to_frame()
+    assert frame["pvalue_floor"].tolist() == [pytest.approx(1 / 50)] * 3
+    assert result.genes[:2] == [0, 1] and frame["at_floor"].tolist() == [True, True, False]
+    ratio = frame["g2_over_null_max"].to_numpy()
+    assert ratio[0] > ratio[1] > 1 > ratio[2] / 1.5  # resolution where the p-values tie at the floor
+    assert (frame["null_max_g2"] > 0).all()
+
+
 def test_bad_inputs_are_user_errors():
     x, h = random_problem(20, seed=9)
     with pytest.raises(InputError, match="binary"):

@@ -5,6 +5,7 @@ import dataclasses
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -119,6 +120,30 @@ def test_kl_weight_reaches_beta_at_the_warmup_fraction():
         ctx.epoch = epoch
         weights.append(module.kl_weight(ctx))
     assert weights == pytest.approx([0.0, 0.8, 2.0, 2.0])
+
+
+def test_no_warmup_epoch_is_kept_and_training_runs_past_the_warmup(small):
+    """The best state, early stopping and LR steps start once the KL weight is full: with patience 1 a fit
+    still trains through the warm-up, and the epoch it keeps is one at the full KL weight."""
+    model = create_model("vae", {"max_epochs": 12, "kl_warmup_fraction": 0.5, "patience": 1, **QUIET})
+    assert model.warmup_epochs() == 6 and create_model("ae", {"max_epochs": 12}).warmup_epochs() == 0
+    model.fit(small)
+    assert len(model.history.epochs) >= 7 and model.history.best_epoch >= 6
+
+
+def test_automatic_validation_split_is_stratified_by_batch(small):
+    """Without obs['split'], a model with a batch key validates on every batch in proportion."""
+    from scdgm.models.data import fit_split
+
+    obs = small.obs.drop(columns="split", errors="ignore")
+    batches = obs["batch"].astype(str).to_numpy()
+    with pytest.warns(UserWarning, match="stratified by batch"):
+        _, validation = fit_split(obs, 0, batches)
+    shares = pd.Series(validation).groupby(batches).mean()
+    assert len(shares) == 2 and (shares - 0.1).abs().max() <= 0.01
+    model = create_model("vae", {"max_epochs": 1, "batch_key": "batch", **QUIET})
+    with pytest.warns(UserWarning, match="stratified by batch"):
+        model.fit(ad.AnnData(X=small.X, obs=obs, var=small.var))
 
 
 def test_posterior_draws_are_row_aligned_with_their_cells(cells, vae):
