@@ -38,7 +38,7 @@ from scdgm.interpret.loglinear import SelectionResult, selection_stability, step
 from scdgm.interpret.patterns import PatternSummary, summarize_patterns
 from scdgm.interpret.plots import latent_scatter, loadings_map, pattern_map, project_2d, selection_path, transfer_map
 from scdgm.models.base import GenerativeModel, LinearDecoder, Samples
-from scdgm.models.data import counts_view, model_counts
+from scdgm.models.data import counts_view, model_counts, split_mask
 
 EXPLANATION_FORMAT = "scdgm-explanation"
 UNLABELLED = "unlabelled"
@@ -237,7 +237,10 @@ class Explanation:
         if self.label_key is not None:
             summary["label_key"] = self.label_key
         if "accuracy" in transfer:
-            summary["label_transfer_accuracy"] = float(transfer["accuracy"])
+            summary["label_transfer_accuracy"] = float(transfer["accuracy"])  # in sample
+        if "heldout" in transfer:
+            summary["label_transfer_heldout_accuracy"] = float(transfer["heldout"]["accuracy"])
+            summary["label_transfer_heldout_coverage"] = float(transfer["heldout"]["coverage"])
         return summary
 
     def save(self, directory: str | Path) -> dict[str, Any]:
@@ -348,7 +351,8 @@ def _transfer(run: _Run, reference: LabelReference) -> dict[str, Any]:
         cells.insert(0, "label", real["label"])
     cells.index = run.adata.obs_names
     run.tables["cells.csv"] = cells
-    section: dict[str, Any] = {"unseen_pattern_fraction": float((transferred["distance"] > 0).mean())}
+    section: dict[str, Any] = {"scope": IN_SAMPLE_SCOPE,
+                               "unseen_pattern_fraction": float((transferred["distance"] > 0).mean())}
     if run.labels is None:
         return section
     truth = run.labels[run.posterior.cell_index]
@@ -465,6 +469,12 @@ def compute_explanation(
     run.tables["patterns.csv"] = patterns.to_frame()
     with _timed(run.timings, "label_transfer"):
         report["label_transfer"] = _transfer(run, reference)
+    train, test = split_mask(adata, "train"), split_mask(adata, "test")
+    if run.labels is not None and "split" in adata.obs and train.any() and test.any():
+        with _timed(run.timings, "heldout_transfer"):
+            report["label_transfer"]["heldout"] = heldout_label_transfer(
+                model, adata[train], adata[test], settings, permutations=0, alpha=None, n_genes=len(run.selected),
+                plots=False)
     if settings.stability_boot > 0:
         with _timed(run.timings, "stability"):
             report["stability"] = _stability(run)
@@ -482,15 +492,21 @@ def compute_explanation(
     return Explanation(model, report, _reference_document(run, reference, mean, drivers), run.tables, run.figures)
 
 
+HELDOUT_SCOPE = ("held out: genes and the pattern table from the training-split cells, scored on posterior draws "
+                 "of the test-split cells")
+IN_SAMPLE_SCOPE = "in sample: draws of the same cells the pattern table was built from"
+
+
 def heldout_label_transfer(
     model: GenerativeModel, train: ad.AnnData, test: ad.AnnData, settings: ExplainSettings | None = None,
     **overrides: Any,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Label transfer as a held-out figure of merit: genes selected on posterior draws of the `train` cells and
     the pattern table built from their real counts, then scored on posterior draws of the `test` cells against
-    their own labels (`settings.label_key`). Returns `label_transfer_accuracy` (every draw labelled),
-    `label_transfer_coverage` (share of test draws whose pattern the table has seen), the accuracy on those
-    covered draws, and the majority baseline (the training cells' most frequent label, scored on the test cells)."""
+    their own labels (`settings.label_key`). Returns `accuracy` (every draw labelled), `coverage` (share of
+    test draws whose pattern the table has seen: a transfer that abstains on unseen patterns labels these),
+    `covered_accuracy` and its `per_class` values, and `majority_baseline` (the training cells' most frequent
+    label, scored on the test cells)."""
     settings = dataclasses.replace(settings or ExplainSettings(), **overrides)
     settings.check()
     train_labels, test_labels = _labels(train, settings.label_key), _labels(test, settings.label_key)
@@ -505,13 +521,18 @@ def heldout_label_transfer(
     truth = test_labels[draws.cell_index]
     seen = (transferred["distance"] == 0).to_numpy()
     majority = pd.Series(train_labels).value_counts().index[0]
+    covered = transfer_accuracy(transferred["label"][seen], truth[seen]) if seen.any() else None
     return {
-        "label_transfer_accuracy": transfer_accuracy(transferred["label"], truth).overall,
-        "label_transfer_coverage": float(seen.mean()),
-        "label_transfer_covered_accuracy": (
-            transfer_accuracy(transferred["label"][seen], truth[seen]).overall if seen.any() else float("nan")
-        ),
-        "label_transfer_majority_baseline": float((test_labels == majority).mean()),
+        "scope": HELDOUT_SCOPE,
+        "n_train_cells": int(train.n_obs),
+        "n_test_cells": int(test.n_obs),
+        "genes": [model.genes[g] for g in run.selected],
+        "accuracy": transfer_accuracy(transferred["label"], truth).overall,
+        "coverage": float(seen.mean()),
+        "covered_accuracy": covered.overall if covered is not None else float("nan"),
+        "per_class_covered_accuracy": covered.per_class.to_dict() if covered is not None else {},
+        "majority_baseline": float((test_labels == majority).mean()),
+        "abstains_on": "patterns the table has not seen (Hamming distance > 0)",
     }
 
 

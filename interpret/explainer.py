@@ -77,6 +77,7 @@ class CellExplanations:
                 "pattern_frequency": int(self.frequency[i]),
                 "label": None if self.labels is None else self.labels[i],
                 "label_support": None if self.support is None else float(self.support[i]),
+                "label_assigned": None if self.labels is None else bool(self.distance[i] == 0),
                 "dominant_latent": int(self.dominant_latent[i]),
                 "drivers": [
                     {"gene": gene, "score": float(score)}

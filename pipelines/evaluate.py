@@ -48,6 +48,8 @@ SUMMARY_KEYS = {
     "unseen_pattern_fraction": "unseen_pattern_fraction",
 }
 """explanation.json's label-transfer numbers (its label_transfer section, or top level) and their metric names."""
+HELDOUT_KEYS = ("accuracy", "coverage", "covered_accuracy", "majority_baseline")
+"""The held-out label-transfer numbers (label_transfer.heldout), reported as label_transfer_heldout_<key>."""
 
 
 def explanation_summary(folder: Path | None) -> dict[str, float]:
@@ -62,6 +64,10 @@ def explanation_summary(folder: Path | None) -> dict[str, float]:
         value = transfer.get(key, report.get(key))
         if isinstance(value, (int, float)) and math.isfinite(value):
             summary[name] = float(value)
+    for key in HELDOUT_KEYS:  # the held-out figures (test cells), beside the in-sample ones above
+        value = (transfer.get("heldout") or {}).get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            summary[f"label_transfer_heldout_{key}"] = float(value)
     return summary
 
 

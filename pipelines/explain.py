@@ -79,7 +79,15 @@ def summary(report: dict[str, Any]) -> str:
             if step.get("at_floor") else f"  p={step['pvalue']:.3g}")
         lines.append(f"  {step['step']:>2}. {step['gene']:<14} latent {step['latent']}  G2={step['g2']:.1f}{pvalue}")
     transfer = report["label_transfer"]
+    heldout = transfer.get("heldout")
+    if heldout:
+        lines.append(
+            f"held-out label transfer ({heldout['n_test_cells']} test cells; table from {heldout['n_train_cells']} "
+            f"training cells): accuracy {heldout['accuracy']:.3f} with every cell labelled; abstaining on unseen "
+            f"patterns, coverage {heldout['coverage']:.3f} and accuracy {heldout['covered_accuracy']:.3f}; "
+            f"majority baseline {heldout['majority_baseline']:.3f}"
+        )
     if "accuracy" in transfer:
         per_class = ", ".join(f"{name} {value:.2f}" for name, value in transfer["per_class"].items())
-        lines.append(f"label transfer accuracy {transfer['accuracy']:.3f} ({per_class})")
+        lines.append(f"in-sample label transfer accuracy {transfer['accuracy']:.3f} ({per_class})")
     return "\n".join(lines)

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+MAX_CLASS_LOSS = 0.2
+"""QC dropping a larger share of a labelled class than this is warned about (QC tuned elsewhere cuts cell types)."""
+MIN_CELLS_PER_SPLIT = 2
+"""Cells each split with a positive fraction must receive: fewer cannot validate (early stopping) or test."""
 SETTING_MINIMUMS = (  # (setting, least value, may be null)
     ("n_top_genes", 1, False),
     ("min_genes", 0, False),
@@ -83,8 +87,9 @@ def check_gene_budget(n_top_genes: int, n_genes: int) -> None:
         )
 
 
-def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> ad.AnnData:
-    """Keep cells within the gene-count and mitochondrial limits, then genes detected in enough of them.
+def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> tuple[ad.AnnData, dict[str, Any]]:
+    """Keep cells within the gene-count and mitochondrial limits, then genes detected in enough of them; returns
+    the new AnnData and what QC removed (`qc_report`). Too few cells left for the split is a user error.
 
     Adds obs['n_genes'], obs['total_counts'] and obs['mito_fraction'] (computed over all input genes).
     """
@@ -99,17 +104,20 @@ def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> ad.AnnData:
     mito = np.asarray([str(g).upper().startswith("MT-") for g in adata.var_names])
     mito_counts = np.asarray(counts[:, mito].sum(axis=1)).ravel() if mito.any() else np.zeros(adata.n_obs)
     mito_fraction = np.divide(mito_counts, total, out=np.zeros(adata.n_obs), where=total > 0)
-    keep = n_genes >= settings["min_genes"]
+    failing = {"min_genes": n_genes < settings["min_genes"]}
     if settings["max_genes"] is not None:
-        keep &= n_genes <= settings["max_genes"]
+        failing["max_genes"] = n_genes > settings["max_genes"]
     if settings["max_mito_fraction"] is not None:
-        keep &= mito_fraction <= settings["max_mito_fraction"]
+        failing["max_mito_fraction"] = mito_fraction > settings["max_mito_fraction"]
+    keep = ~np.logical_or.reduce(list(failing.values()))
+    qc = qc_report(adata, failing, keep, settings.get("label_key"))
     if not keep.any():
         raise InputError(
             f"no cells left after QC: none of {adata.n_obs} cells has min_genes={settings['min_genes']} <= genes "
             f"detected <= max_genes={settings['max_genes']} and mito fraction <= "
             f"max_mito_fraction={settings['max_mito_fraction']} (detected genes range {n_genes.min()}-{n_genes.max()})"
         )
+    check_split_sizes(int(keep.sum()), settings["split"], qc)
     adata = adata[keep].copy()
     adata.X = counts[keep]
     adata.obs["n_genes"] = n_genes[keep].astype(np.int64)
@@ -122,7 +130,44 @@ def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> ad.AnnData:
             f"no genes left after QC: none of {adata.n_vars} genes is detected in min_cells={settings['min_cells']} "
             f"of the {adata.n_obs} cells that passed"
         )
-    return adata[:, genes].copy()
+    return adata[:, genes].copy(), qc
+
+
+def qc_report(adata: ad.AnnData, failing: dict[str, np.ndarray], keep: np.ndarray, label_key: str | None) -> dict[str, Any]:
+    """What QC removed: cells failing each limit (a cell may fail several), cells dropped and kept, and with
+    labels the cells dropped per class; warns when a class loses more than MAX_CLASS_LOSS of its cells."""
+    report: dict[str, Any] = {
+        "cells_in": int(keep.size),
+        "cells_dropped": int((~keep).sum()),
+        "dropped_by": {name: int(mask.sum()) for name, mask in failing.items()},
+    }
+    if label_key is not None and label_key in adata.obs:
+        labels = adata.obs[label_key].astype(str).to_numpy()
+        names, totals = np.unique(labels, return_counts=True)
+        dropped = {str(n): int((~keep & (labels == n)).sum()) for n in names}
+        report["dropped_per_class"] = dropped
+        for name, total in zip(names, totals, strict=True):
+            share = dropped[str(name)] / total
+            if share > MAX_CLASS_LOSS:
+                logger.warning(
+                    "QC drops %d of %d %r cells (%.0f%%, more than %.0f%%): the limits %s may not fit this data; "
+                    "the counts are in uns['scdgm_prepare']['qc']", dropped[str(name)], total, str(name), 100 * share,
+                    100 * MAX_CLASS_LOSS, ", ".join(f"{k} ({int((m & (labels == name)).sum())})" for k, m in failing.items()),
+                )
+    return report
+
+
+def check_split_sizes(n_cells: int, fractions: dict[str, float], qc: dict[str, Any]) -> None:
+    """Refuse data that QC left too small for a train/validation/test split, saying what QC removed."""
+    smallest = min(fraction for fraction in fractions.values() if fraction > 0)
+    needed = int(np.ceil(MIN_CELLS_PER_SPLIT / smallest))
+    if n_cells < needed:
+        removed = ", ".join(f"{name} {count}" for name, count in qc["dropped_by"].items())
+        raise InputError(
+            f"only {n_cells} of {qc['cells_in']} cells pass QC, too few for a train/validation/test split "
+            f"({MIN_CELLS_PER_SPLIT} cells in each, so at least {needed}); cells failing each limit: {removed}. "
+            "Loosen prepare.min_genes / max_genes / max_mito_fraction for this data"
+        )
 
 
 def flag_variable_genes(adata: ad.AnnData, n_top_genes: int) -> None:
@@ -180,7 +225,7 @@ def prepare(
     validate_counts(adata, allow_non_integer=allow_non_integer)
     check_gene_budget(settings["n_top_genes"], adata.n_vars)
     n_in = adata.shape
-    result = quality_control(adata, settings)
+    result, qc = quality_control(adata, settings)
     flag_variable_genes(result, settings["n_top_genes"])
     if label_key is None:
         annotate_by_markers(
@@ -206,6 +251,7 @@ def prepare(
         "n_genes_out": result.n_vars,
         "split_sizes": {s: int((result.obs["split"] == s).sum()) for s in SPLITS},
         "annotated": label_key is None,
+        "qc": qc,
     }
     return result
 
@@ -247,7 +293,10 @@ def prepare_command(
     result.uns["scdgm_prepare"]["input"] = str(raw)
     path = write_h5ad_atomic(result, out)
     sizes = result.obs["cell_type"].value_counts()
+    qc = result.uns["scdgm_prepare"]["qc"]
     typer.echo(
         f"wrote {path}: {result.n_obs} cells x {result.n_vars} genes; "
         + ", ".join(f"{name} {count}" for name, count in sizes.items())
+        + f"; QC dropped {qc['cells_dropped']} of {qc['cells_in']} cells (failing "
+        + ", ".join(f"{name} {count}" for name, count in qc["dropped_by"].items()) + ")"
     )

@@ -757,6 +757,10 @@ def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> tuple[list[Pa
     return written, notes
 
 
+HELDOUT_METRICS = ("accuracy", "coverage", "covered_accuracy", "majority_baseline")
+"""The held-out label-transfer figures a refit reports, as `label_transfer_<name>`."""
+
+
 def _comparison_explain(settings: SweepSettings) -> ExplainSettings:
     """The explanation settings of the comparison: params.yaml's `explain:` (genes, discretisation, labels), with
     no permutations, prior report, stability or plots, which the label-transfer figure does not use."""
@@ -783,7 +787,8 @@ def _refit(
     elif explain.label_key not in adata.obs:
         notes.append(f"{kind}: no held-out label transfer: no obs[{explain.label_key!r}] labels")
     else:
-        metrics |= heldout_label_transfer(model, adata[train], adata[test], explain)
+        heldout = heldout_label_transfer(model, adata[train], adata[test], explain)
+        metrics |= {f"label_transfer_{key}": heldout[key] for key in HELDOUT_METRICS}
     trained_cells = int(split_mask(adata, "train").sum() or adata.n_obs)
     seconds = float(model.history.seconds)
     epochs = max(1, len(model.history.epochs))

@@ -146,6 +146,9 @@ class CellExplanation(BaseModel):
     pattern_frequency: int = Field(description="Reference cells that had the matched pattern.")
     label: str | None = Field(description="Label transferred from the matched pattern (null without labels).")
     label_support: float | None = Field(description="Share of the matched pattern's cells with that label.")
+    label_assigned: bool | None = Field(description=(
+        "True when the reference has seen the cell's pattern; a transfer that abstains on unseen patterns leaves "
+        "the others unassigned (their coverage and accuracy: label_transfer.heldout in explanation.json)."))
     dominant_latent: int = Field(description="The latent on which the cell is furthest from the average cell.")
     drivers: list[DrivingGene] = Field(description="Genes that drive the cell along its dominant latent.")
 

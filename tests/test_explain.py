@@ -2,12 +2,13 @@
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from scdgm import models
 from scdgm.errors import InputError
-from scdgm.interpret.explain import run_explanation
+from scdgm.interpret.explain import compute_explanation, run_explanation
 from scdgm.interpret.explainer import Explainer
 from scdgm.pipelines.cli import main
 from scdgm.pipelines.explain import summary
@@ -25,6 +26,22 @@ def explained(tmp_path_factory):
         model, adata, directory / "explanation", n_genes=6, permutations=50, prior_cells=100, stability_boot=3
     )
     return model, adata, directory, report
+
+
+def test_label_transfer_is_reported_held_out_beside_in_sample(explained):
+    """With a train/test split the explanation also scores a table built from training cells on draws of the test
+    cells (named held out), with the coverage and accuracy of a transfer that abstains on unseen patterns; the
+    in-sample figure is labelled as such. Without a split there is no held-out section."""
+    model, adata, _, report = explained
+    assert "heldout" not in report["label_transfer"] and report["label_transfer"]["scope"].startswith("in sample")
+    cells = adata.copy()
+    cells.obs["split"] = np.where(np.arange(cells.n_obs) % 5 == 0, "test", "train")
+    heldout = compute_explanation(model, cells, n_genes=6, permutations=0, prior_cells=0, plots=False
+                                  ).report["label_transfer"]["heldout"]
+    assert heldout["scope"].startswith("held out") and (heldout["n_train_cells"], heldout["n_test_cells"]) == (400, 100)
+    assert heldout["accuracy"] > 2 * heldout["majority_baseline"] and 0.5 < heldout["coverage"] <= 1
+    assert heldout["covered_accuracy"] >= heldout["accuracy"] - 1e-9  # abstaining on unseen patterns never hurts here
+    assert set(heldout["per_class_covered_accuracy"]) <= set(cells.obs["cell_type"].astype(str))
 
 
 def test_files_and_report(explained):
@@ -78,7 +95,7 @@ def test_unlabelled_cells_get_patterns_but_no_labels(explained, tmp_path):
     del unlabelled.obs["cell_type"]
     directory = model.save(tmp_path / "model")
     report = run_explanation(model, unlabelled, directory / "explanation", n_genes=3, permutations=0, prior_cells=50)
-    assert set(report["label_transfer"]) == {"unseen_pattern_fraction"} and "label_latents" not in report
+    assert set(report["label_transfer"]) == {"scope", "unseen_pattern_fraction"} and "label_latents" not in report
     assert not (directory / "explanation" / "confusion.csv").exists()
     assert summary(report).count("\n") == 3
     result = Explainer.load(directory).explain(unlabelled.X[:5])

@@ -86,6 +86,29 @@ def test_more_variable_genes_than_the_input_has_are_refused():
         prepare(data, {**LOOSE_QC, "min_genes": 1, "n_top_genes": 2000}, label_key="group")
 
 
+def test_qc_reports_drops_per_limit_and_class_and_warns_when_a_class_loses_a_fifth(caplog):
+    """A class QC cuts by more than 20% is named in a warning; the counts per limit and per class are kept."""
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(2.0, (200, 60)).astype(np.float32)
+    counts[:40, 20:] = 0  # 40 of the 100 'myeloid' cells detect too few genes for min_genes
+    data = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=[f"G{i}" for i in range(60)]))
+    data.obs["label"] = np.repeat(["myeloid", "lymphoid"], 100)
+    result = prepare(data, {"min_genes": 30, "max_genes": None, "min_cells": 3, "n_top_genes": 40}, label_key="label")
+    qc = result.uns["scdgm_prepare"]["qc"]
+    assert qc["cells_in"] == 200 and qc["cells_dropped"] == 40 and qc["dropped_by"]["min_genes"] == 40
+    assert qc["dropped_per_class"] == {"lymphoid": 0, "myeloid": 40}
+    assert "QC drops 40 of 100 'myeloid' cells (40%" in caplog.text and "lymphoid" not in caplog.text
+
+
+def test_too_few_cells_after_qc_for_a_split_is_a_clear_error():
+    """7 of 1,500 cells passing (fixed limits on other data) fails, naming the limits, before anything is written."""
+    data = simulate_programs(300, 200, seed=0)
+    genes = int(np.sort(np.diff(data.X.tocsr().indptr))[-5])  # about five cells detect this many genes
+    with pytest.raises(InputError, match=r"only \d of 300 cells pass QC, too few .* at least 20\); cells failing each "
+                                         r"limit: min_genes 29\d"):
+        prepare(data, {**LOOSE_QC, "min_genes": genes, "n_top_genes": 40}, label_key="cell_type")
+
+
 def test_mitochondrial_and_gene_count_limits():
     rng = np.random.default_rng(0)
     counts = rng.poisson(1.0, (60, 40)).astype(np.float32)
