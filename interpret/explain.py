@@ -36,7 +36,15 @@ from scdgm.interpret.label_transfer import LabelReference, build_reference, tran
 from scdgm.interpret.loadings import gene_importance, summarize_loadings
 from scdgm.interpret.loglinear import SelectionResult, selection_stability, stepwise_select
 from scdgm.interpret.patterns import PatternSummary, summarize_patterns
-from scdgm.interpret.plots import latent_scatter, loadings_map, pattern_map, project_2d, selection_path, transfer_map
+from scdgm.interpret.plots import (
+    latent_scatter,
+    loadings_map,
+    pattern_heatmap,
+    pattern_map,
+    project_2d,
+    selection_path,
+    transfer_map,
+)
 from scdgm.models.base import GenerativeModel, LinearDecoder, Samples
 from scdgm.models.data import counts_view, model_counts, split_mask
 
@@ -396,7 +404,8 @@ def _association(run: _Run, mean: np.ndarray) -> dict[str, Any]:
 
 
 def _pattern_plots(run: _Run, patterns: PatternSummary, reference: LabelReference, mean: np.ndarray) -> None:
-    """Latent means by label with density contours, the selection path and the pattern MDS map."""
+    """Latent means by label with density contours, the selection path, the pattern MDS map and the cell × gene
+    heat map of the real cells' patterns, grouped by their transferred labels."""
     colour = run.labels if run.labels is not None else np.full(run.adata.n_obs, "cells")
     title = f"{run.model.kind} latent means"
     genes, g2, pvalues = run.gene_names, run.selection.g2, run.selection.pvalues
@@ -407,6 +416,9 @@ def _pattern_plots(run: _Run, patterns: PatternSummary, reference: LabelReferenc
     run.figures["patterns.png"] = lambda path: pattern_map(
         patterns.coordinates, patterns.counts, patterns.patterns, path, pattern_labels
     )
+    real = reference.pattern_bits(run.counts)
+    cell_labels = reference.transfer(real)["label"] if run.labels is not None else np.full(len(real), "cells")
+    run.figures["pattern_cells.png"] = lambda path: pattern_heatmap(real, genes, cell_labels, path, run.settings.seed)
 
 
 def _reference_document(run: _Run, reference: LabelReference, mean: np.ndarray,

@@ -1,6 +1,6 @@
 """PNG figures of an explanation (matplotlib's object API with the Agg canvas: no pyplot state, no display):
 latent scatter with density contours per label, loadings map, selection path, original vs transferred
-labels, and the pattern MDS map."""
+labels, the pattern MDS map and the cell × gene pattern heat map."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -156,4 +156,47 @@ def pattern_map(
     axes.set(xlabel="MDS 1", ylabel="MDS 2", title="gene patterns (size: frequency)")
     if len(set(labels)) > 1:
         axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, markerscale=0.5)
+    return _save(figure, path)
+
+
+MAX_HEATMAP_CELLS = 600
+"""Cells drawn in the pattern heat map (a seeded sample, each label keeping its share)."""
+
+
+def pattern_heatmap(
+    bits: np.ndarray, genes: Sequence[str], labels: Sequence[str], path: str | Path, seed: int = 0
+) -> Path:
+    """Cells × selected genes, on (1) or off (0), cells grouped by their (transferred) label and ordered by pattern
+    within it, a colour strip naming each group and the genes named in selection order: which genes switch on
+    together in which cell type."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    bits = np.asarray(bits, dtype=np.uint8)
+    labels = np.asarray(labels).astype(str)
+    rng = np.random.default_rng(seed)
+    if len(labels) > MAX_HEATMAP_CELLS:
+        chosen = np.sort(rng.choice(len(labels), MAX_HEATMAP_CELLS, replace=False))
+        bits, labels = bits[chosen], labels[chosen]
+    codes = bits @ (1 << np.arange(bits.shape[1] - 1, -1, -1))
+    order = np.lexsort((-codes, labels))
+    bits, labels = bits[order], labels[order]
+    colours = _colours(labels)
+    figure = Figure(figsize=(max(5.0, 0.45 * len(genes) + 3.5), 6))
+    strip, axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, max(4, len(genes))], "wspace": 0.03})
+    names = sorted(colours)
+    strip.imshow(np.array([[names.index(label)] for label in labels]), aspect="auto", interpolation="nearest",
+                 cmap=ListedColormap([colours[name] for name in names]), vmin=-0.5, vmax=len(names) - 0.5)
+    strip.set(xticks=[], yticks=[], ylabel=f"{len(labels)} cells, grouped by label")
+    axes.imshow(bits, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#f0f0f0", colormaps["viridis"](0.85)]),
+                vmin=0, vmax=1)
+    axes.set_xticks(range(len(genes)), [str(g) for g in genes], rotation=60, ha="right", fontsize=9)
+    axes.set_yticks([])
+    axes.set_title("gene patterns: on (green) / off (grey) per cell", fontsize=11)
+    bounds = np.flatnonzero(labels[1:] != labels[:-1]) + 0.5
+    for y in bounds:
+        axes.axhline(y, color="white", linewidth=1.0)
+    figure.legend(handles=[Patch(color=colours[n], label=n) for n in names], loc="center left",
+                  bbox_to_anchor=(0.92, 0.5), frameon=False, fontsize=8)
     return _save(figure, path)

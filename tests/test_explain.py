@@ -48,7 +48,7 @@ def test_files_and_report(explained):
     model, adata, directory, report = explained
     out = directory / "explanation"
     for name in ("explanation.json", "reference.json", "loadings.csv", "confusion.csv", "association.csv",
-                 "cells.csv", "stability.csv", "latent.png", "selection.png", "transfer.png", "patterns.png",
+                 "cells.csv", "stability.csv", "latent.png", "selection.png", "transfer.png", "patterns.png", "pattern_cells.png",
                  "loadings.png"):
         assert (out / name).is_file(), name
     document = json.loads((out / "explanation.json").read_text())
