@@ -507,6 +507,8 @@ def compute_explanation(
 HELDOUT_SCOPE = ("held out: genes and the pattern table from the training-split cells, scored on posterior draws "
                  "of the test-split cells")
 IN_SAMPLE_SCOPE = "in sample: draws of the same cells the pattern table was built from"
+HELDOUT_FIGURES = ("accuracy", "coverage", "covered_accuracy", "majority_baseline")
+"""The numbers of `heldout_label_transfer` that evaluation and the sweep's comparison report."""
 
 
 def heldout_label_transfer(

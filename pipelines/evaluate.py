@@ -27,6 +27,7 @@ import typer
 from scdgm.errors import ScdgmError
 from scdgm.files import write_json_atomic, write_text_atomic
 from scdgm.formats import EXPLANATION_FILE, REFERENCE_FILE, RUN_RECORD, is_model_directory
+from scdgm.interpret.explain import HELDOUT_FIGURES
 from scdgm.interpret.label_transfer import LabelReference, transfer_accuracy
 from scdgm.interpret.plots import latent_scatter
 from scdgm.models import load_model
@@ -48,8 +49,6 @@ SUMMARY_KEYS = {
     "unseen_pattern_fraction": "unseen_pattern_fraction",
 }
 """explanation.json's label-transfer numbers (its label_transfer section, or top level) and their metric names."""
-HELDOUT_KEYS = ("accuracy", "coverage", "covered_accuracy", "majority_baseline")
-"""The held-out label-transfer numbers (label_transfer.heldout), reported as label_transfer_heldout_<key>."""
 
 
 def explanation_summary(folder: Path | None) -> dict[str, float]:
@@ -64,7 +63,7 @@ def explanation_summary(folder: Path | None) -> dict[str, float]:
         value = transfer.get(key, report.get(key))
         if isinstance(value, (int, float)) and math.isfinite(value):
             summary[name] = float(value)
-    for key in HELDOUT_KEYS:  # the held-out figures (test cells), beside the in-sample ones above
+    for key in HELDOUT_FIGURES:  # the held-out figures (test cells), beside the in-sample ones above
         value = (transfer.get("heldout") or {}).get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             summary[f"label_transfer_heldout_{key}"] = float(value)

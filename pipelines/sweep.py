@@ -23,7 +23,6 @@ comparable); with fewer, no file is written and a one-line note goes to best.jso
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from tqdm.auto import tqdm
 from scdgm.defaults import default_section
 from scdgm.errors import ScdgmError, Terminated
 from scdgm.files import write_json_atomic, write_text_atomic, write_with
-from scdgm.interpret.explain import ExplainSettings, heldout_label_transfer
+from scdgm.interpret.explain import HELDOUT_FIGURES, ExplainSettings, heldout_label_transfer
 from scdgm.models import model_class
 from scdgm.models.data import split_mask
 from scdgm.models.torch_model import TrainConfig
@@ -757,18 +756,12 @@ def optuna_plots(settings: SweepSettings, kind: str, out: Path) -> tuple[list[Pa
     return written, notes
 
 
-HELDOUT_METRICS = ("accuracy", "coverage", "covered_accuracy", "majority_baseline")
-"""The held-out label-transfer figures a refit reports, as `label_transfer_<name>`."""
-
-
 def _comparison_explain(settings: SweepSettings) -> ExplainSettings:
     """The explanation settings of the comparison: params.yaml's `explain:` (genes, discretisation, labels), with
     no permutations, prior report, stability or plots, which the label-transfer figure does not use."""
-    known = {f.name for f in dataclasses.fields(ExplainSettings)}
-    section = {k: v for k, v in settings.explain.items() if k in known}
-    section.setdefault("seed", settings.seed)
     return ExplainSettings.from_params(
-        section | {"permutations": 0, "prior_cells": 0, "stability_boot": 0, "plots": False, "alpha": None}
+        {"seed": settings.seed, **settings.explain}
+        | {"permutations": 0, "prior_cells": 0, "stability_boot": 0, "plots": False, "alpha": None}
     )
 
 
@@ -788,8 +781,8 @@ def _refit(
         notes.append(f"{kind}: no held-out label transfer: no obs[{explain.label_key!r}] labels")
     else:
         heldout = heldout_label_transfer(model, adata[train], adata[test], explain)
-        metrics |= {f"label_transfer_{key}": heldout[key] for key in HELDOUT_METRICS}
-    trained_cells = int(split_mask(adata, "train").sum() or adata.n_obs)
+        metrics |= {f"label_transfer_{key}": heldout[key] for key in HELDOUT_FIGURES}
+    trained_cells = int(train.sum()) or adata.n_obs
     seconds = float(model.history.seconds)
     epochs = max(1, len(model.history.epochs))
     metrics["cells_per_second"] = trained_cells * epochs / seconds if seconds > 0 else math.nan
@@ -829,10 +822,8 @@ def comparison_table(outcomes: dict[str, ModelOutcome], metric: str, full: bool 
 def select_champion(settings: SweepSettings, table: pd.DataFrame, notes: list[str]) -> compare.Selection | None:
     """The family the pipeline trains and registers, by the declared rule (`tune.select`); None (with a note)
     when no family has the selection metric, e.g. unlabelled data."""
-    rule = {"metric": "label_transfer_accuracy", "mode": "max", "tie_break": "knn_accuracy", "tolerance": 0.0}
-    rule |= settings.select
     try:
-        return compare.select_champion(table, rule["metric"], rule["mode"], rule["tie_break"], float(rule["tolerance"]))
+        return compare.select_champion(table, **settings.select)
     except ScdgmError as error:
         notes.append(f"no champion: {error}")
         return None
@@ -841,12 +832,9 @@ def select_champion(settings: SweepSettings, table: pd.DataFrame, notes: list[st
 def best_params_document(settings: SweepSettings, outcome: SweepOutcome) -> str:
     """A params file for `scdgm train --params` (or `--sweep`): each model's train settings with the best
     hyperparameters found (its seed included) and the sweep's epoch budget, and the champion family."""
-    train = {
-        kind: {**settings.model_params.get(kind, {}), **settings.fixed_params(kind), **o.best_config}
-        for kind, o in outcome.models.items()
-    }
+    train = {kind: {**settings.fixed_params(kind), **o.best_config} for kind, o in outcome.models.items()}
     for params in train.values():
-        params.pop("progress", None)
+        params.pop("progress", None)  # the sweep's trials run quietly; a training from this file shows its bar
     document: dict[str, Any] = {"train": train}
     if outcome.champion is not None:
         document["champion"] = outcome.champion.champion
