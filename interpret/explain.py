@@ -28,17 +28,22 @@ from scdgm.errors import InputError, ScdgmError
 from scdgm.files import atomic_path
 from scdgm.formats import EXPLANATION_FILE, REFERENCE_FILE
 from scdgm.interpret.association import label_latents, latent_association
-from scdgm.interpret.attributions import global_attributions, latent_mean_function, top_attributed_genes
-from scdgm.interpret.discretize import Discretizer, fit_discretizer
+from scdgm.interpret.attributions import (
+    global_attributions,
+    latent_mean_function,
+    top_attributed_genes,
+    typical_profile,
+)
+from scdgm.interpret.discretize import GENE_CUTS, Discretizer, fit_discretizer
 from scdgm.interpret.explainer import REFERENCE_FORMAT, REFERENCE_VERSION, Explainer, log_normalized
 from scdgm.interpret.genesets import immune_gene_sets, read_gmt
-from scdgm.interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
-from scdgm.interpret.loadings import gene_importance, summarize_loadings
+from scdgm.interpret.label_transfer import LabelReference, build_reference, check_abstention, transfer_accuracy
+from scdgm.interpret.loadings import RANKING, gene_importance, gene_statistics, summarize_loadings
 from scdgm.interpret.loglinear import SelectionResult, selection_stability, stepwise_select
 from scdgm.interpret.patterns import PatternSummary, summarize_patterns
 from scdgm.interpret.plots import (
     latent_scatter,
-    loadings_map,
+    loadings_chart,
     pattern_heatmap,
     pattern_map,
     project_2d,
@@ -57,10 +62,17 @@ UNS_KEY = "scdgm_explanation"
 CSV_OPTIONS: dict[str, dict[str, Any]] = {
     "loadings.csv": {"index_label": "gene"},
     "attributions.csv": {"index_label": "gene"},
+    "gene_weights.csv": {"index_label": "gene"},
     "cells.csv": {"index_label": "cell"},
     "confusion.csv": {},
 }
 """How each table is written (the others without their index)."""
+
+
+AUTO_DRAWS_TARGET = 10_000
+"""Synthetic cells an explanation aims for when `draws` is unset: on the binary benchmark (1,000 cells) one
+draw per cell lets noise genes in after 6-7 signal genes, 10 draws rank all 10 first (docs/loglinear.md)."""
+AUTO_DRAWS_MAX = 10
 
 
 @dataclass
@@ -68,22 +80,33 @@ class ExplainSettings:
     """Options of an explanation (the `explain:` section of params.yaml)."""
 
     n_genes: int = 8
-    draws: int = 1
+    draws: int | None = None
+    """Posterior draws per cell; None = enough for AUTO_DRAWS_TARGET synthetic cells, 1 to AUTO_DRAWS_MAX."""
     prior_cells: int | None = None
     """Prior draws reported separately; None = as many as there are cells, 0 = none."""
     permutations: int = 200
     alpha: float | None = None
+    gene_cut: str = "two-group"
+    """How genes are cut (interpret/discretize.py): two-group (Otsu on log1p counts) or quantile."""
     quantile: float = 0.5
     latent_rule: str = "sign"
     selection_model: str = "conditional"
     empty_cell: float = 0.0
     label_key: str = "cell_type"
+    abstain_distance: int | None = 0
+    """Label transfer abstains ("unassigned") on a pattern further than this (Hamming) from every seen pattern;
+    None = never on distance."""
+    abstain_min_cells: int = 1
+    """... and on a matched pattern seen in fewer real cells than this."""
     n_patterns: int = 20
     stability_boot: int = 0
     top_genes: int = 10
     attribution_cells: int = 300
     attribution_steps: int = 16
     driver_genes: int = 10
+    min_detection: float = 0.01
+    """Genes detected in fewer than this share of the training cells are never ranked (loadings, attributions,
+    drivers); the others are ranked by value × mean count / (1 + mean count)."""
     gene_sets: str | None = None
     """GMT file scored against the loadings of linear models; None = the bundled immune sets."""
     plots: bool = True
@@ -102,16 +125,28 @@ class ExplainSettings:
         settings.check()
         return settings
 
+    def draws_per_cell(self, n_cells: int) -> int:
+        """`draws`, or when unset as many as make AUTO_DRAWS_TARGET synthetic cells (between 1 and AUTO_DRAWS_MAX):
+        with one draw per cell, sampling noise lets noise genes into the selection on a few thousand cells."""
+        if self.draws is not None:
+            return self.draws
+        return int(np.clip(-(-AUTO_DRAWS_TARGET // max(n_cells, 1)), 1, AUTO_DRAWS_MAX))
+
     def check(self) -> None:
         """Reject values no explanation can use, naming the option."""
-        if self.n_genes < 1 or self.draws < 1 or self.permutations < 0:
+        if self.n_genes < 1 or (self.draws is not None and self.draws < 1) or self.permutations < 0:
             raise ScdgmError("n_genes and draws must be at least 1 and permutations at least 0")
         if self.prior_cells is not None and self.prior_cells < 0:
             raise ScdgmError(f"prior_cells must be >= 0, got {self.prior_cells}")
+        check_abstention(self.abstain_distance, self.abstain_min_cells)
+        if self.gene_cut not in GENE_CUTS:
+            raise ScdgmError(f"gene_cut must be one of {', '.join(GENE_CUTS)}, got {self.gene_cut!r}")
         if self.alpha is not None and not 0 < self.alpha < 1:
             raise ScdgmError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.attribution_steps < 2 or self.attribution_cells < 1 or self.driver_genes < 1 or self.top_genes < 1:
             raise ScdgmError("attribution_steps must be >= 2; attribution_cells, driver_genes, top_genes >= 1")
+        if not 0 <= self.min_detection < 1:
+            raise ScdgmError(f"min_detection must be in [0, 1), got {self.min_detection}")
 
 
 @dataclass
@@ -157,7 +192,7 @@ def _selection_records(result: SelectionResult, genes: list[str]) -> list[dict[s
 
 def _fit_discretizer(model: GenerativeModel, x: np.ndarray, z: np.ndarray, settings: ExplainSettings) -> Discretizer:
     """Thresholds from the synthetic cells; 0/1 output of binary models is kept as it is (gene on where > 0)."""
-    discretizer = fit_discretizer(x, z, settings.quantile, settings.latent_rule, model.genes)
+    discretizer = fit_discretizer(x, z, settings.quantile, settings.latent_rule, model.genes, settings.gene_cut)
     if model.output == "binary":
         discretizer = dataclasses.replace(discretizer, gene_thresholds=np.zeros(len(model.genes)))
     return discretizer
@@ -270,36 +305,47 @@ class Explanation:
 
 
 def _drivers(run: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(report section, reference section) of what drives the latents: loadings or integrated gradients."""
+    """(report section, reference section) of what drives the latents: loadings or integrated gradients, genes
+    ranked with weights from the training cells (all cells without a split)."""
     model, adata, settings = run.model, run.adata, run.settings
+    if not isinstance(model, LinearDecoder):
+        try:
+            latent_mean_function(model)
+        except InputError as exc:
+            return {"method": None, "reason": str(exc)}, {"method": None}
+    train = split_mask(adata, "train")
+    reference_counts = run.counts[train] if train.any() else run.counts
+    genes = gene_statistics(reference_counts, model.genes, settings.min_detection)
+    run.tables["gene_weights.csv"] = genes
+    weights = genes["weight"]
     if isinstance(model, LinearDecoder):
         gene_sets = read_gmt(settings.gene_sets) if settings.gene_sets else immune_gene_sets()
-        summary = summarize_loadings(model, adata, gene_sets, settings.top_genes)
+        summary = summarize_loadings(model, adata, gene_sets, settings.top_genes, weights=weights)
         run.tables["loadings.csv"] = summary.loadings
         if summary.gene_sets is not None:
             run.tables["gene_sets.csv"] = summary.gene_sets
         if settings.plots:
-            run.figures["loadings.png"] = lambda path: loadings_map(summary.loadings, path)
+            variance = summary.variance.set_index("factor")["variance_explained"]
+            run.figures["loadings.png"] = lambda path: loadings_chart(summary.top_genes, path, variance)
         target_sum = float(model.target_sum)
-        mean = np.asarray(log_normalized(run.counts, target_sum).mean(axis=0)).ravel()
+        mean = np.asarray(log_normalized(reference_counts, target_sum).mean(axis=0)).ravel()
         reference = {"method": "loadings", "top_k": settings.driver_genes, "target_sum": target_sum,
-                     "expression_mean": mean}
-        return {"method": "loadings", **summary.to_dict()}, reference
-    try:
-        latent_mean_function(model)
-    except InputError as exc:
-        return {"method": None, "reason": str(exc)}, {"method": None}
-    table = global_attributions(model, adata, settings.attribution_cells, settings.attribution_steps, settings.seed)
+                     "expression_mean": mean, "weights": weights.to_numpy()}
+        return {"method": "loadings", "ranking": RANKING, **summary.to_dict()}, reference
+    profile = typical_profile(reference_counts)
+    table = global_attributions(model, adata, profile, settings.attribution_cells, settings.attribution_steps,
+                                settings.seed)
     run.tables["attributions.csv"] = table
-    top = top_attributed_genes(table, settings.top_genes)
+    top = top_attributed_genes(table, settings.top_genes, weights)
     report = {
-        "method": "integrated_gradients", "baseline": "zeros", "n_steps": settings.attribution_steps,
+        "method": "integrated_gradients", "n_steps": settings.attribution_steps,
+        "baseline": "the typical cell: the training cells' pooled composition at the cell's library size",
         "n_cells": min(settings.attribution_cells, adata.n_obs),
-        "statistic": "mean |attribution| per gene and latent",
+        "statistic": "mean |attribution| per gene and latent", "ranking": RANKING,
         "top_genes": {factor: group["gene"].tolist() for factor, group in top.groupby("factor", sort=False)},
     }
     reference = {"method": "integrated_gradients", "top_k": settings.driver_genes,
-                 "n_steps": settings.attribution_steps}
+                 "n_steps": settings.attribution_steps, "profile": profile, "weights": weights.to_numpy()}
     return report, reference
 
 
@@ -331,7 +377,8 @@ def _sample_and_select(model: GenerativeModel, adata: ad.AnnData, settings: Expl
     labels = _labels(adata, settings.label_key)
     timings: dict[str, float] = {}
     with _timed(timings, "sampling"):
-        posterior = model.sample(adata, source="posterior", draws=settings.draws, seed=settings.seed)
+        posterior = model.sample(adata, source="posterior", draws=settings.draws_per_cell(adata.n_obs),
+                                 seed=settings.seed)
         discretizer = _fit_discretizer(model, posterior.x, posterior.z, settings)
         x = discretizer.genes_binary(posterior.x)
         h = discretizer.latents_binary(posterior.z)
@@ -460,7 +507,8 @@ def compute_explanation(
         raise InputError(f"n_genes ({settings.n_genes}) exceeds the model's {len(model.genes)} genes")
     run = _sample_and_select(model, adata, settings)
     labels = run.labels if run.labels is not None else np.full(adata.n_obs, UNLABELLED)
-    reference = build_reference(run.counts, labels, run.discretizer, run.selected)
+    reference = build_reference(run.counts, labels, run.discretizer, run.selected, settings.abstain_distance,
+                                settings.abstain_min_cells)
     patterns = summarize_patterns(run.x, run.h, run.selected, n_top=settings.n_patterns)
     mean = model.embed(adata, key_added=None).mean.astype(np.float64)
 
@@ -517,10 +565,10 @@ def heldout_label_transfer(
 ) -> dict[str, Any]:
     """Label transfer as a held-out figure of merit: genes selected on posterior draws of the `train` cells and
     the pattern table built from their real counts, then scored on posterior draws of the `test` cells against
-    their own labels (`settings.label_key`). Returns `accuracy` (every draw labelled), `coverage` (share of
-    test draws whose pattern the table has seen: a transfer that abstains on unseen patterns labels these),
-    `covered_accuracy` and its `per_class` values, and `majority_baseline` (the training cells' most frequent
-    label, scored on the test cells)."""
+    their own labels (`settings.label_key`). Returns `accuracy` (every draw labelled) and its per-class values,
+    `coverage` (share of test draws the abstention rule labels: settings.abstain_distance / abstain_min_cells),
+    `covered_accuracy`, both per class, and `majority_baseline` (the training cells' most frequent label, scored
+    on the test cells)."""
     settings = dataclasses.replace(settings or ExplainSettings(), **overrides)
     settings.check()
     train_labels, test_labels = _labels(train, settings.label_key), _labels(test, settings.label_key)
@@ -529,24 +577,31 @@ def heldout_label_transfer(
     if settings.n_genes > len(model.genes):
         raise InputError(f"n_genes ({settings.n_genes}) exceeds the model's {len(model.genes)} genes")
     run = _sample_and_select(model, train, settings)
-    reference = build_reference(run.counts, train_labels, run.discretizer, run.selected)
-    draws = model.sample(test, source="posterior", draws=settings.draws, seed=settings.seed + 1)
+    reference = build_reference(run.counts, train_labels, run.discretizer, run.selected, settings.abstain_distance,
+                                settings.abstain_min_cells)
+    draws = model.sample(test, source="posterior", draws=settings.draws_per_cell(train.n_obs), seed=settings.seed + 1)
     transferred = reference.transfer(reference.pattern_bits(draws.x))
     truth = test_labels[draws.cell_index]
-    seen = (transferred["distance"] == 0).to_numpy()
+    seen = transferred["assigned"].to_numpy()
     majority = pd.Series(train_labels).value_counts().index[0]
+    every = transfer_accuracy(transferred["label"], truth)
     covered = transfer_accuracy(transferred["label"][seen], truth[seen]) if seen.any() else None
+    rule = ("never" if settings.abstain_distance is None else
+            f"patterns further than Hamming distance {settings.abstain_distance} from every seen pattern")
     return {
         "scope": HELDOUT_SCOPE,
         "n_train_cells": int(train.n_obs),
         "n_test_cells": int(test.n_obs),
+        "n_test_draws": int(len(truth)),
         "genes": [model.genes[g] for g in run.selected],
-        "accuracy": transfer_accuracy(transferred["label"], truth).overall,
+        "accuracy": every.overall,
+        "per_class_accuracy": every.per_class.to_dict(),
         "coverage": float(seen.mean()),
+        "per_class_coverage": pd.Series(seen).groupby(truth).mean().to_dict(),
         "covered_accuracy": covered.overall if covered is not None else float("nan"),
         "per_class_covered_accuracy": covered.per_class.to_dict() if covered is not None else {},
         "majority_baseline": float((test_labels == majority).mean()),
-        "abstains_on": "patterns the table has not seen (Hamming distance > 0)",
+        "abstains_on": f"{rule}, or seen in fewer than {settings.abstain_min_cells} training cells",
     }
 
 

@@ -4,10 +4,15 @@ explain cells fast (everything that does not depend on the cell is prepared at l
 For each cell: latent mean and variance; its 0/1 pattern over the explanation genes (real counts cut by the
 thresholds fitted on synthetic cells); the nearest reference pattern (Hamming), how many real cells had it, and
 the label transferred from them with its support; the latent that moves most from the average cell (in
-standard deviations) and the genes that drive the cell along it: for linear models each gene's term
-loading × (log expression − its mean over the explained cells) in the cell's projection on that factor (for
-PCA the gene's share of the factor score; standardising instead would let rarely detected genes dominate), for
-the others per-cell integrated gradients (zero baseline) of that latent's mean.
+standard deviations); and the genes that drive the cell: those it expresses above a typical cell that move it
+furthest from the average cell, along its own direction in standardised latent space (the dominant latent alone
+is often a minor factor for cells of the commonest type, which sit near the average on the major ones). A gene's
+contribution is, for linear models, its term loading × (log expression − the training cells' mean) projected on
+that direction (for PCA the gene's share of the cell's score), for the others its integrated gradient of the
+projected latent mean from the typical cell at the cell's depth (`attributions.typical_profile`); only genes above
+the typical cell count, and each contribution is times the gene weight (`loadings.gene_statistics`: genes seen
+in a handful of cells, whose single counts move a cell a lot, are scaled down or left out). Drivers are the
+top-k genes by that score, largest first.
 """
 from __future__ import annotations
 
@@ -23,13 +28,14 @@ import torch
 
 from scdgm.errors import InputError, ScdgmError
 from scdgm.formats import EXPLANATION_DIR, REFERENCE_FILE
-from scdgm.interpret.attributions import integrated_gradients, latent_mean_function
-from scdgm.interpret.label_transfer import LabelReference
+from scdgm.interpret.attributions import integrated_gradients, latent_mean_function, typical_baselines
+from scdgm.interpret.label_transfer import UNASSIGNED, LabelReference
 from scdgm.models.base import GenerativeModel, LinearDecoder
 from scdgm.models.data import CountBatches
 
 REFERENCE_FORMAT = "scdgm-explanation-reference"
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2
+"""2: drivers along the cell's direction from the typical cell, gene weights (1: dominant latent, raw)."""
 
 
 def log_normalized(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
@@ -57,8 +63,12 @@ class CellExplanations:
     labels: list[str] | None
     support: np.ndarray | None
     """Share of the matched pattern's real cells that carry the transferred label."""
+    assigned: np.ndarray
+    """Whether the reference's abstention rule labels the cell (pattern close enough, matched pattern seen often
+    enough); the others are "unassigned"."""
     dominant_latent: np.ndarray
     driver_method: str | None
+    """How driver scores were computed: 'loadings', 'integrated_gradients' or None (no drivers)."""
     driver_genes: list[list[str]]
     driver_scores: np.ndarray
 
@@ -77,7 +87,9 @@ class CellExplanations:
                 "pattern_frequency": int(self.frequency[i]),
                 "label": None if self.labels is None else self.labels[i],
                 "label_support": None if self.support is None else float(self.support[i]),
-                "label_assigned": None if self.labels is None else bool(self.distance[i] == 0),
+                "label_assigned": None if self.labels is None else bool(self.assigned[i]),
+                "assigned_label": None if self.labels is None
+                else self.labels[i] if self.assigned[i] else UNASSIGNED,
                 "dominant_latent": int(self.dominant_latent[i]),
                 "drivers": [
                     {"gene": gene, "score": float(score)}
@@ -93,7 +105,7 @@ class Explainer:
 
     def __init__(self, model: GenerativeModel, reference: dict[str, Any]) -> None:
         if reference.get("format") != REFERENCE_FORMAT or reference.get("version") != REFERENCE_VERSION:
-            raise ScdgmError(f"not a {REFERENCE_FORMAT} v{REFERENCE_VERSION} document")
+            raise ScdgmError(f"not a {REFERENCE_FORMAT} v{REFERENCE_VERSION} document; run `scdgm explain` again")
         self.model = model
         self.reference = reference
         self.genes: list[str] = list(model.genes)
@@ -123,16 +135,31 @@ class Explainer:
         return cls(GenerativeModel.load(model_dir), reference)
 
     def _prepare_drivers(self) -> None:
-        """Everything per-model the drivers need: the attributed encoder function, or loadings and gene means."""
+        """Everything per-model the drivers need: gene weights and the attributed encoder function with the
+        typical-cell profile, or loadings and the training cells' mean log expression."""
         self._attributed = None
         method = self.drivers.get("method")
+        if method is None:
+            return
+        self._weights = self._gene_vector("weights")
         if method == "loadings":
             if not isinstance(self.model, LinearDecoder):
                 raise ScdgmError(f"the explanation has loadings, but a {self.model.kind} model has none")
             self._loadings = self.model.loadings().to_numpy(dtype=np.float64)
-            self._expression_mean = np.asarray(self.drivers["expression_mean"], dtype=np.float64)
+            self._expression_mean = self._gene_vector("expression_mean")
         elif method == "integrated_gradients":
             self._attributed = latent_mean_function(self.model)
+            self._profile = torch.as_tensor(self._gene_vector("profile"), dtype=torch.float32,
+                                            device=self._attributed.device)
+        else:
+            raise ScdgmError(f"unknown driver method {method!r} in the explanation")
+
+    def _gene_vector(self, key: str) -> np.ndarray:
+        """reference drivers[key], one number per model gene."""
+        values = np.asarray(self.drivers[key], dtype=np.float64)
+        if values.shape != (len(self.genes),):
+            raise ScdgmError(f"the explanation's drivers.{key} has {values.size} values for {len(self.genes)} genes")
+        return values
 
     def _check(self, counts: Any) -> sp.csr_matrix:
         """The counts as float32 CSR, with one line naming what is wrong when they cannot be explained."""
@@ -153,9 +180,9 @@ class Explainer:
         mean, var = embedding.mean, embedding.var
         dominant = self.dominant_latent(mean)
         if self._attributed is not None:
-            scores = self._attributions(counts, codes, dominant)
+            scores = self._attributions(counts, codes, self.directions(mean))
         elif self.drivers.get("method") == "loadings":
-            scores = self._loading_scores(counts, dominant)
+            scores = self._loading_scores(counts, self.directions(mean))
         else:
             scores = None
         transfer = self.patterns.transfer(self.patterns.pattern_bits(counts))
@@ -166,6 +193,7 @@ class Explainer:
             distance=transfer["distance"].to_numpy(), frequency=transfer["frequency"].to_numpy(),
             labels=transfer["label"].tolist() if self.label_key else None,
             support=transfer["support"].to_numpy() if self.label_key else None,
+            assigned=transfer["assigned"].to_numpy(),
             dominant_latent=dominant, driver_method=self.drivers.get("method"),
             driver_genes=driver_genes, driver_scores=driver_scores,
         )
@@ -174,29 +202,41 @@ class Explainer:
         """Per cell, the latent farthest from the average cell, in standard deviations of the explained cells."""
         return np.abs((mean - self.latent_center) / self.latent_scale).argmax(axis=1)
 
-    def _attributions(self, counts: sp.csr_matrix, codes: np.ndarray | None, dominant: np.ndarray) -> np.ndarray:
-        """Integrated gradients of each cell's dominant latent, per gene (cells x genes)."""
+    def directions(self, mean: np.ndarray) -> np.ndarray:
+        """Per cell, the latent-space vector d with d · Δz = how far a latent change Δz moves the cell away from
+        the average cell along its own direction, in standard deviations of the explained cells."""
+        standard = (mean - self.latent_center) / self.latent_scale
+        norm = np.maximum(np.linalg.norm(standard, axis=1, keepdims=True), 1e-12)
+        return standard / norm / self.latent_scale
+
+    def _attributions(self, counts: sp.csr_matrix, codes: np.ndarray | None, directions: np.ndarray) -> np.ndarray:
+        """Integrated gradients of each cell's projected latent mean from the typical cell at its depth, for the
+        genes above that typical cell, times the gene weights (cells x genes)."""
         device = self._attributed.device
-        steps = int(self.drivers.get("n_steps", 16))
+        steps = int(self.drivers["n_steps"])
         parts = []
         for batch in CountBatches(counts, batch_codes=codes, batch_size=1024, device=device):
-            targets = torch.as_tensor(dominant[batch.index.numpy()], device=device)
-            values = integrated_gradients(self._attributed, batch.x, targets, batch.batch_index, steps)
-            parts.append(values.cpu().numpy())
-        return np.concatenate(parts)
+            toward = torch.as_tensor(directions[batch.index.numpy()], dtype=torch.float32, device=device)
+            baselines = typical_baselines(batch.x, self._profile)
+            values = integrated_gradients(self._attributed, batch.x, baselines, None, batch.batch_index, steps,
+                                          directions=toward)
+            parts.append((values * (batch.x > baselines)).cpu().numpy())
+        return np.concatenate(parts) * self._weights
 
-    def _loading_scores(self, counts: sp.csr_matrix, dominant: np.ndarray) -> np.ndarray:
-        """loading(gene, dominant factor) × centred log-normalised expression, per cell and gene."""
+    def _loading_scores(self, counts: sp.csr_matrix, directions: np.ndarray) -> np.ndarray:
+        """(log expression above the training mean) × (loadings projected on the cell's direction) × gene weight,
+        per cell and gene."""
         expression = log_normalized(counts, float(self.drivers["target_sum"])).toarray()
-        return (expression - self._expression_mean) * self._loadings[:, dominant].T
+        above = np.maximum(expression - self._expression_mean, 0.0)
+        return above * (directions @ self._loadings.T) * self._weights
 
     def _top_drivers(self, scores: np.ndarray | None, n: int) -> tuple[list[list[str]], np.ndarray]:
-        """The top-k genes by |score| per cell and their signed scores (empty without a driver method)."""
+        """The top-k genes by score per cell, largest first, and their scores (empty without a driver method)."""
         if scores is None:
             return [[] for _ in range(n)], np.zeros((n, 0))
         k = min(self.top_k, scores.shape[1])
-        top = np.argpartition(-np.abs(scores), k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(-np.abs(scores), top, axis=1).argsort(axis=1, kind="stable")
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(-scores, top, axis=1).argsort(axis=1, kind="stable")
         top = np.take_along_axis(top, order, axis=1)
         genes = np.asarray(self.genes, dtype=object)[top]
         return [list(row) for row in genes], np.take_along_axis(scores, top, axis=1)

@@ -1,6 +1,9 @@
 """Label transfer by patterns (review Fig. 8): a synthetic cell takes the majority label of the real cells that
 share its pattern over the selected genes; an unseen pattern goes to the nearest seen one by Hamming distance,
-ties to the more frequent pattern. Real cells are cut with the synthetic cells' thresholds.
+ties to the more frequent pattern. Real cells are cut with the synthetic cells' thresholds. A transfer may
+abstain: a cell whose pattern lies further than `max_distance` from every seen pattern, or whose matched pattern
+was seen in fewer than `min_cells` real cells, is "unassigned" (it still gets the nearest pattern's label, so the
+figure with every cell labelled can be reported next to the one that abstains).
 
 The reference (pattern → label counts, with the genes and thresholds that make a pattern) is a JSON-friendly
 dict for serving, and classifies one cell with a dict lookup.
@@ -19,7 +22,10 @@ from scdgm.errors import InputError, ScdgmError
 from scdgm.interpret.discretize import Discretizer
 
 FORMAT = "scdgm-label-reference"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the abstention rule (max_distance, min_cells); version 1 references abstain on unseen patterns."""
+UNASSIGNED = "unassigned"
+"""The label of a cell the transfer abstains on."""
 
 
 @dataclass
@@ -34,6 +40,10 @@ class LabelReference:
     counts: np.ndarray
     """(patterns × labels) numbers of real cells."""
     gene_names: list[str] | None = None
+    max_distance: int | None = 0
+    """Abstain on cells whose pattern is further (Hamming) from every seen pattern; None = never on distance."""
+    min_cells: int = 1
+    """Abstain on cells whose matched pattern was seen in fewer real cells."""
     _index: dict[int, int] = field(init=False, repr=False)
     _bits: np.ndarray = field(init=False, repr=False)
     _majority: np.ndarray = field(init=False, repr=False)
@@ -43,6 +53,7 @@ class LabelReference:
         self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
         if self.counts.shape != (len(self.patterns), len(self.label_names)) or not self.patterns:
             raise ScdgmError("a label reference needs one row of label counts per seen pattern")
+        check_abstention(self.max_distance, self.min_cells)
         self._bits = np.array([[int(c) for c in pattern] for pattern in self.patterns], dtype=np.int64)
         self._index = {int(code): k for k, code in enumerate(_codes(self._bits))}
         overall = self.counts.sum(axis=0)
@@ -69,7 +80,8 @@ class LabelReference:
         """Label synthetic cells from their binary patterns (cells × selected genes, in selection order).
 
         Columns: label, pattern, matched_pattern, distance (Hamming, 0 when seen), frequency (real cells with the
-        matched pattern) and support (share of those cells that carry the label).
+        matched pattern), support (share of those cells that carry the label), assigned (the abstention rule
+        passes) and assigned_label (label, or "unassigned").
         """
         bits = bits.toarray() if sp.issparse(bits) else np.asarray(bits)
         return pd.DataFrame(self._transfer_columns(bits))
@@ -91,15 +103,18 @@ class LabelReference:
             "patterns": list(self.patterns),
             "label_names": list(self.label_names),
             "counts": self.counts.tolist(),
+            "max_distance": self.max_distance,
+            "min_cells": self.min_cells,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LabelReference:
         """Inverse of `to_dict`; a dict of another format or version is a user error."""
-        if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+        if data.get("format") != FORMAT or data.get("version") not in (1, FORMAT_VERSION):
             raise ScdgmError(f"not a {FORMAT} v{FORMAT_VERSION} dict (format={data.get('format')!r})")
         return cls(data["genes"], np.asarray(data["thresholds"]), data["patterns"], data["label_names"],
-                   np.asarray(data["counts"]), data["gene_names"])
+                   np.asarray(data["counts"]), data["gene_names"],
+                   data.get("max_distance", 0), data.get("min_cells", 1))  # version 1: abstain on unseen patterns
 
     def _transfer_columns(self, bits: np.ndarray) -> dict[str, np.ndarray]:
         """Per-cell arrays behind `transfer`: each distinct pattern is matched once."""
@@ -110,13 +125,19 @@ class LabelReference:
         matched, distance = (values[inverse.ravel()] for values in self._match(unique))
         labels = self._majority[matched]
         frequency = self.frequencies[matched]
+        names = np.asarray(self.label_names, dtype=object)[labels]
+        assigned = frequency >= self.min_cells
+        if self.max_distance is not None:
+            assigned &= distance <= self.max_distance
         return {
-            "label": np.asarray(self.label_names, dtype=object)[labels],
+            "label": names,
             "pattern": np.asarray([format(int(code), f"0{len(self.genes)}b") for code in codes], dtype=object),
             "matched_pattern": np.asarray(self.patterns, dtype=object)[matched],
             "distance": distance,
             "frequency": frequency,
             "support": self.counts[matched, labels] / frequency,
+            "assigned": assigned,
+            "assigned_label": np.where(assigned, names, UNASSIGNED).astype(object),
         }
 
     def _match(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,13 +164,24 @@ class TransferAccuracy:
     confusion: pd.DataFrame
 
 
+def check_abstention(max_distance: int | None, min_cells: int) -> None:
+    """Reject abstention settings no transfer can use, naming the option."""
+    if max_distance is not None and max_distance < 0:
+        raise ScdgmError(f"abstain_distance must be >= 0 or null, got {max_distance}")
+    if min_cells < 1:
+        raise ScdgmError(f"abstain_min_cells must be >= 1, got {min_cells}")
+
+
 def build_reference(
     x_real: Any,
     labels: Sequence[Any],
     discretizer: Discretizer,
     genes: Sequence[int],
+    max_distance: int | None = 0,
+    min_cells: int = 1,
 ) -> LabelReference:
-    """Count labels per pattern among real cells, cut by the discretizer's thresholds for the selected genes."""
+    """Count labels per pattern among real cells, cut by the discretizer's thresholds for the selected genes;
+    the reference abstains as `max_distance` and `min_cells` say (see `LabelReference`)."""
     labels = np.asarray(labels).astype(str)
     if labels.shape[0] != x_real.shape[0]:
         raise InputError(f"{labels.shape[0]} labels for {x_real.shape[0]} real cells")
@@ -165,7 +197,7 @@ def build_reference(
     names = None if discretizer.genes is None else [discretizer.genes[g] for g in genes]
     return LabelReference(genes, discretizer.gene_thresholds[genes],
                           [format(int(code), f"0{width}b") for code in table.index],
-                          [str(c) for c in table.columns], table.to_numpy(), names)
+                          [str(c) for c in table.columns], table.to_numpy(), names, max_distance, min_cells)
 
 
 def transfer_accuracy(predicted: Sequence[Any], truth: Sequence[Any]) -> TransferAccuracy:

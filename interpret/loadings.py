@@ -1,5 +1,12 @@
 """Reading linear models (LDVAE, PCA) through their gene loadings: top genes per factor and sign, variance
-explained per factor, and gene-set scores (is a set's genes' loading larger than the other genes'?)."""
+explained per factor, and gene-set scores (is a set's genes' loading larger than the other genes'?).
+
+Genes are ranked by loading (or attribution) times a gene weight (`gene_statistics`): mean count μ / (1 + μ) on
+the reference cells, 0 for genes detected in fewer than `min_detection` of them. A factor can load heavily on a
+gene seen in a handful of cells (little likelihood is at stake), so raw loadings put such genes first; the weight
+is the share of a change in the gene's log rate that reaches log1p of its count at its mean count (d log1p μ /
+d log μ), so genes seen about once per cell or less are scaled down in proportion, and highly expressed genes
+gain nothing beyond their loading (the weight saturates at 1)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -9,6 +16,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy import stats
 
 from scdgm.errors import InputError
@@ -37,19 +45,43 @@ def variance_explained(model: GenerativeModel, adata: ad.AnnData | None = None) 
     return pd.DataFrame({"factor": loadings.columns, "variance_explained": values})
 
 
-def top_genes(table: pd.DataFrame, n: int = 10, value: str = "loading") -> pd.DataFrame:
-    """Per factor (column of a genes x factors table) and sign, the `n` genes with the largest |value|:
-    columns factor, sign, rank, gene and `value`."""
+RANKING = ("value × gene weight: mean count μ / (1 + μ) per training cell; genes detected in fewer than "
+           "min_detection of the training cells are not ranked")
+"""How genes are ranked, as the explanation reports it."""
+
+
+def gene_statistics(counts: sp.csr_matrix, genes: Sequence[str], min_detection: float) -> pd.DataFrame:
+    """Per gene (rows, `genes` order) of the reference cells' counts: detection (share of cells with a count),
+    mean_count and the ranking weight μ / (1 + μ), 0 where detection < `min_detection`."""
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    if counts.shape[0] == 0:
+        raise InputError("gene statistics need at least one cell")
+    detection = np.asarray((counts > 0).mean(axis=0), dtype=np.float64).ravel()
+    mean = np.asarray(counts.mean(axis=0), dtype=np.float64).ravel()
+    weight = np.where(detection >= min_detection, mean / (1.0 + mean), 0.0)
+    return pd.DataFrame({"detection": detection, "mean_count": mean, "weight": weight}, index=list(genes))
+
+
+def top_genes(
+    table: pd.DataFrame, n: int = 10, value: str = "loading", weights: pd.Series | None = None
+) -> pd.DataFrame:
+    """Per factor (column of a genes x factors table) and sign, the `n` genes with the largest |value| × weight
+    (`weights` by gene, e.g. `gene_statistics(...)["weight"]`; None ranks by |value| alone): columns factor,
+    sign, rank, gene, `value` and score (value × weight). Genes of weight 0 are never listed."""
+    scale = pd.Series(1.0, index=table.index) if weights is None else weights.reindex(table.index)
+    if scale.isna().any():
+        raise InputError(f"no gene weight for {', '.join(map(str, scale.index[scale.isna()][:5]))}")
     rows = []
     for factor in table.columns:
-        column = table[factor]
-        for sign, ordered in (("+", column.sort_values(ascending=False)), ("-", column.sort_values())):
+        scores = table[factor] * scale
+        for sign, ordered in (("+", scores.sort_values(ascending=False)), ("-", scores.sort_values())):
             kept = ordered[(ordered > 0) if sign == "+" else (ordered < 0)].head(n)
             rows.extend(
-                {"factor": str(factor), "sign": sign, "rank": rank, "gene": str(gene), value: float(number)}
-                for rank, (gene, number) in enumerate(kept.items(), start=1)
+                {"factor": str(factor), "sign": sign, "rank": rank, "gene": str(gene),
+                 value: float(table.at[gene, factor]), "score": float(score)}
+                for rank, (gene, score) in enumerate(kept.items(), start=1)
             )
-    return pd.DataFrame(rows, columns=["factor", "sign", "rank", "gene", value])
+    return pd.DataFrame(rows, columns=["factor", "sign", "rank", "gene", value, "score"])
 
 
 def gene_importance(loadings: pd.DataFrame) -> pd.Series:
@@ -94,6 +126,7 @@ class LoadingsSummary:
 
     loadings: pd.DataFrame
     top_genes: pd.DataFrame
+    """Per factor and sign the top genes by loading × gene weight (`top_genes`)."""
     variance: pd.DataFrame
     gene_sets: pd.DataFrame | None
 
@@ -119,8 +152,10 @@ def summarize_loadings(
     gene_sets: Mapping[str, Sequence[str]] | None = None,
     n_top: int = 10,
     min_size: int = 3,
+    weights: pd.Series | None = None,
 ) -> LoadingsSummary:
-    """Loadings, top genes per factor and sign, variance explained and (given sets) gene-set scores."""
+    """Loadings, top genes per factor and sign (ranked by loading × `weights`, see `top_genes`), variance
+    explained and (given sets) gene-set scores."""
     loadings = model_loadings(model)
     scores = gene_set_scores(loadings, gene_sets, min_size) if gene_sets else None
-    return LoadingsSummary(loadings, top_genes(loadings, n_top), variance_explained(model, adata), scores)
+    return LoadingsSummary(loadings, top_genes(loadings, n_top, weights=weights), variance_explained(model, adata), scores)

@@ -12,11 +12,22 @@ observed table, strata of x_S never seen included, is set to e before fitting. M
 those of the corrected table, so G² is no longer 2N·I: strata that were empty add nothing under the conditional
 model, but under the joint model each adds 4e pseudo-observations and a term of its own. With e = 0 (default)
 empty cells stay empty and 0·log 0 = 0.
+
+Permutations (rows of (h, x_S) permuted against X) leave each stratum's size n(c) and latent counts
+L_cj = n(c, h_j = 1) unchanged: only the x side of the tables moves. On the CPU the permuted counts come from one
+dense one-hot product when there are at most DENSE_STRATA strata, else stratum by stratum: a small BLAS product of
+the stratum's latent weights with the X rows that the permutation pairs with its (h, x_S) rows, so counting costs
+the same at every step. Beyond permutation-invariant terms, a stratum-latent pair's G² depends on its two cell
+counts a = n(c, h_j = 1, x_i = 1) and b = n(c, h_j = 0, x_i = 1) only: for a small stratum every value is tabulated
+once per step, with weights chosen so that the product gives each cell's table position a·(n(c) − L_cj + 1) + b
+directly (one look-up per cell); larger strata look up k·log k. With e = 0 a pair where h_j is constant adds
+nothing under the conditional model, and a stratum of one sample nothing under either: both are skipped. The result
+equals the one-hot formulation (kept for the torch backend) to float rounding, whatever the batch size.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any, Literal
@@ -34,13 +45,19 @@ MODELS = ("conditional", "joint")
 MAX_SELECTED = 62
 """Strata of x_S are coded in int64 bits."""
 WORK_ELEMENTS = 1 << 22
-"""Largest float array (stratum-latent-candidate cells, times permutations) built at once."""
+"""Largest array (stratum-latent-candidate cells or gathered rows, times permutations; a look-up table) built at
+once."""
 MAX_BATCH = 64
 """Permutations per batch at most: larger batches gain little and delay the early stop."""
+BLOCK_COLUMNS = 1 << 13
+"""Permutations × candidates scored together per stratum on the CPU: the block's work arrays stay in cache."""
+TABLE_ELEMENTS = 1 << 18
+"""Largest look-up table of one stratum's G² terms (float64, 2 MiB: its look-ups hit the cache); larger strata look
+up k·log k."""
 DENSE_LIMIT_BYTES = 1 << 29
-"""A sparse X up to this size as dense float32 is made dense: the count product is then a BLAS matrix product."""
-DENSE_STRATA = 4
-"""With this many observed strata or fewer the one-hot matrix is used dense (BLAS beats the sparse product)."""
+"""A sparse X up to this size as dense uint8 is made dense: its rows are then gathered and multiplied by BLAS."""
+DENSE_STRATA = 3
+"""With this many observed strata or fewer the CPU counts come from one dense one-hot product (no gather)."""
 
 
 @dataclass
@@ -140,8 +157,7 @@ class LogLinearProblem:
 
     def batch_size(self, selected: Sequence[int]) -> int:
         """Permutations per array operation: at most MAX_BATCH, with the work arrays within WORK_ELEMENTS."""
-        n, p, q = self.shape
-        return max(1, min(MAX_BATCH, WORK_ELEMENTS // (self.n_strata(selected) * (q + 1) * max(n, p))))
+        return self._backend.batch_size(self._strata(selected), self.h.shape[1])
 
     def resample(self, rows: np.ndarray) -> LogLinearProblem:
         """The same problem on the given rows (a bootstrap resample), without checking the data again."""
@@ -176,18 +192,7 @@ class LogLinearProblem:
 
     def _g2_batch(self, strata: _Strata, permutations: np.ndarray | None) -> np.ndarray:
         """G² (b × p × q) for each permutation of the rows of (h, x_S), or for the data as it is (b = 1)."""
-        n, p, q = self.shape
-        rows, samples = _bin_entries(strata, self.h, permutations)
-        batch = 1 if permutations is None else permutations.shape[0]
-        shape = (batch * strata.size * (q + 1), n)
-        dense = strata.size <= DENSE_STRATA
-        width = max(1, WORK_ELEMENTS // (batch * strata.size * (q + 1)))
-        result = np.empty((batch, q, p))
-        for start in range(0, p, width):
-            stop = min(p, start + width)
-            counts = self._backend.counts(rows, samples, shape, dense, slice(start, stop))
-            counts = counts.reshape(batch, strata.size, q + 1, stop - start)
-            result[:, :, start:stop] = self._backend.g2(counts, strata, self.model, self.empty_cell)
+        result = self._backend.g2(strata, self.h, permutations, self.model, self.empty_cell)
         result[:, :, list(strata.selected)] = np.nan
         return result.transpose(0, 2, 1)
 
@@ -371,31 +376,221 @@ def _xlogx_table(n: int) -> np.ndarray:
     return k * np.log(np.maximum(k, 1.0))
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """A stratum the CPU engine scores: its latents, its samples' weights in the count product, and how the product
+    turns into G² terms."""
+
+    stratum: int
+    latents: slice | np.ndarray
+    """The latents scored in it (slice(None): all)."""
+    rows: slice | np.ndarray
+    """Their rows, then the stratum's total row, among the q + 1 rows of a dense one-hot block."""
+    weights: np.ndarray
+    """(scored latents [+ 1]) × n(c) float32. With a table: (n(c) − L_j)·h_j + 1 per latent, L_j = n(c, h_j = 1), so
+    the product is a·(n(c) − L_j + 1) + b, the table position of the cell counts a = n(c, h_j = 1, x_i = 1) and
+    b = n(c, h_j = 0, x_i = 1). Without: h_j per latent, then ones (n(c, x_i = 1))."""
+    offsets: np.ndarray | None
+    """With a table: where each latent's terms start in it ((scored latents × 1) float32)."""
+    ones: np.ndarray
+    """L_j per scored latent ((scored latents × 1) intp)."""
+    size: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One selected set's strata laid out for the CPU engine."""
+
+    strata: _Strata
+    order: np.ndarray
+    """Sample rows sorted by stratum: stratum c's are order[bounds[c]:bounds[c + 1]]."""
+    bounds: np.ndarray
+    scored: list[_Scored]
+    """With e = 0 the strata with a latent that varies in them (conditional) or ≥ 2 samples (joint); else all."""
+    table: np.ndarray
+    """Per tabled stratum and latent, the G² terms of every cell count pair (a, b): see `_cell_terms`."""
+    constant: np.ndarray
+    """(q, 1): the permutation-invariant part of G²/2, Σ_c [T(n(c)) (conditional only) − T(L_j) − T(n(c) − L_j)]
+    over the scored stratum-latent pairs."""
+
+    @property
+    def largest(self) -> int:
+        """Samples in the largest scored stratum."""
+        return max((scored.size for scored in self.scored), default=1)
+
+
+def _plan(strata: _Strata, h: np.ndarray, model: Model, empty_cell: float, xlogx: np.ndarray,
+          dense: bool) -> _Plan:
+    """Lay out one selected set's strata for `_NumpyCounts`; without the dense one-hot product, strata whose terms
+    fit in TABLE_ELEMENTS (and all of them together in WORK_ELEMENTS) get a look-up table."""
+    n, q = h.shape
+    sizes, latent = strata.sizes[:, 0, 0], strata.latent_counts[:, :, 0]
+    order = np.argsort(strata.codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    if empty_cell > 0:
+        scored = np.ones((strata.size, q), dtype=bool)  # corrected: every cell counts
+    elif model == "conditional":
+        scored = (latent > 0) & (latent < sizes[:, None])
+    else:
+        scored = np.repeat(sizes[:, None] >= 2, q, axis=1)
+    augmented = np.hstack([h, np.ones((n, 1), dtype=h.dtype)]).astype(np.float32)
+    blocks, tables, tabled = [], [], 0
+    for c in np.flatnonzero(scored.any(axis=1)):
+        chosen = np.flatnonzero(scored[c])
+        size, ones = int(sizes[c]), latent[c, chosen][:, None]
+        samples = augmented[order[bounds[c]:bounds[c + 1]]]
+        lengths = ((ones + 1) * (size - ones + 1)).ravel()
+        entries = int(lengths.sum())
+        offsets = None
+        if not dense and empty_cell == 0 and entries <= TABLE_ELEMENTS and tabled + entries <= WORK_ELEMENTS:
+            weights = (size - ones) * samples[:, chosen].T + 1
+            offsets = (tabled + np.cumsum(lengths) - lengths).astype(np.float32)[:, None]
+            tables += [_cell_terms(xlogx, size, int(m), model) for m in ones.ravel()]
+            tabled += entries
+        else:
+            weights = samples[:, np.append(chosen, q)].T
+        every = chosen.size == q
+        blocks.append(_Scored(int(c), slice(None) if every else chosen, slice(None) if every else np.append(chosen, q),
+                              np.ascontiguousarray(weights, dtype=np.float32), offsets, ones, size))
+    h_term = xlogx[latent] + xlogx[sizes[:, None] - latent]
+    stratum_term = xlogx[sizes][:, None] if model == "conditional" else 0.0
+    constant = np.where(scored, stratum_term - h_term, 0.0).sum(axis=0)[:, None]
+    table = np.concatenate(tables) if tables else np.empty(0)
+    return _Plan(strata, order, bounds, blocks, table, constant)
+
+
+def _cell_terms(xlogx: np.ndarray, size: int, ones: int, model: Model) -> np.ndarray:
+    """G²/2 terms of one stratum-latent pair that depend on the cell counts, at position a·(size − ones + 1) + b:
+    T(a) + T(ones − a) + T(b) + T(size − ones − b), less T(a + b) + T(size − a − b) (conditional)."""
+    a = np.arange(ones + 1)[:, None]
+    b = np.arange(size - ones + 1)[None, :]
+    terms = xlogx[a] + xlogx[ones - a] + xlogx[b] + xlogx[size - ones - b]
+    if model == "conditional":
+        terms -= xlogx[a + b] + xlogx[size - a - b]
+    return terms.ravel()
+
+
 class _NumpyCounts:
-    """Count products and G² with numpy/scipy on the CPU."""
+    """Counts and G² with numpy/BLAS on the CPU, stratum by stratum (see the module docstring)."""
 
     def __init__(self, x: np.ndarray | sp.csr_matrix) -> None:
         self.x = x
-        self.xlogx = _xlogx_table(x.shape[0])
+        n = x.shape[0]
+        self.xlogx = _xlogx_table(n)
+        ones = np.asarray(x.sum(axis=0)).ravel().astype(np.intp)
+        self.joint_term = self.xlogx[n] - self.xlogx[ones] - self.xlogx[n - ones]
+        """T(N) − T(n(x_i = 1)) − T(n(x_i = 0)) per gene: the joint model's permutation-invariant x term."""
+        self._plan: _Plan | None = None
 
-    def counts(self, rows: np.ndarray, samples: np.ndarray, shape: tuple[int, int], dense: bool,
-               columns: slice) -> np.ndarray:
-        """The one-hot matrix (given by its non-zero entries) times X's columns."""
-        x = self.x[:, columns] if (columns.start, columns.stop) != (0, self.x.shape[1]) else self.x
-        if dense and not sp.issparse(x):
-            onehot = np.zeros(shape, dtype=np.float32)
-            onehot[rows, samples] = 1.0
-            with _blas_controller().limit(limits=1, user_api="blas"):
-                return onehot @ x
-        onehot = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, samples)), shape=shape)
-        product_ = onehot @ x
-        return product_.toarray() if sp.issparse(product_) else np.asarray(product_)
+    def batch_size(self, strata: _Strata, q: int) -> int:
+        n, p = self.x.shape
+        if strata.size <= DENSE_STRATA:
+            return max(1, min(MAX_BATCH, WORK_ELEMENTS // (strata.size * (q + 1) * max(n, p))))
+        largest = int(strata.sizes.max())
+        return max(1, min(MAX_BATCH, BLOCK_COLUMNS // p, WORK_ELEMENTS // (largest * p)))
 
-    def g2(self, counts: np.ndarray, strata: _Strata, model: Model, empty_cell: float) -> np.ndarray:
-        if empty_cell == 0:
-            return _g2_exact(counts.astype(np.intp), strata.latent_counts, strata.sizes, model, self.xlogx)
-        return _g2_corrected(np, counts.astype(np.float64), strata.latent_counts.astype(np.float64),
-                             strata.sizes.astype(np.float64), model, empty_cell, strata.unseen)
+    def g2(self, strata: _Strata, h: np.ndarray, permutations: np.ndarray | None, model: Model,
+           empty_cell: float) -> np.ndarray:
+        """G² (b × q × p) for each permutation of the rows of (h, x_S) (the identity when None)."""
+        n, p = self.x.shape
+        q = h.shape[1]
+        dense = strata.size <= DENSE_STRATA
+        plan = self._plan
+        if plan is None or plan.strata is not strata:
+            plan = self._plan = _plan(strata, h, model, empty_cell, self.xlogx, dense)
+        permutations = np.arange(n)[None, :] if permutations is None else permutations
+        batch = permutations.shape[0]
+        if dense:
+            onehot = _dense_onehot(strata, h, permutations)
+            columns = WORK_ELEMENTS // max(n, onehot.shape[0])
+        else:
+            inverse = np.empty_like(permutations)
+            inverse[np.arange(batch)[:, None], permutations] = np.arange(n)
+            sources = inverse[:, plan.order]  # the X rows paired with the sorted (h, x_S) rows
+            columns = min(BLOCK_COLUMNS, WORK_ELEMENTS // plan.largest) // batch
+        if empty_cell > 0:
+            columns = min(columns, WORK_ELEMENTS // (strata.size * (q + 1) * batch))
+        width = max(1, min(p, columns))
+        result = np.empty((batch, q, p))
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            for start in range(0, p, width):
+                genes = slice(start, min(p, start + width))
+                x = self.x[:, genes] if width < p else self.x
+                if dense:
+                    counts = _product(onehot, x).reshape(strata.size, q + 1, -1)
+                    blocks = (counts[scored.stratum][scored.rows] for scored in plan.scored)
+                else:
+                    blocks = (scored.weights @ _rows(x, sources[:, plan.bounds[scored.stratum]:
+                                                                plan.bounds[scored.stratum + 1]].T)
+                              for scored in plan.scored)
+                if empty_cell > 0:
+                    values = self._corrected(plan, blocks, model, empty_cell, batch)
+                else:
+                    values = self._exact(plan, blocks, model, genes, batch)
+                result[:, :, genes] = values.reshape(q, batch, -1).transpose(1, 0, 2)
+        return result
+
+    def _exact(self, plan: _Plan, blocks: Iterator[np.ndarray], model: Model, genes: slice,
+               batch: int) -> np.ndarray:
+        """G² (q × b·genes; columns permutation-major, then gene) from each scored stratum's count block."""
+        total = np.zeros((plan.constant.shape[0], batch * (genes.stop - genes.start)))
+        for block, scored in zip(blocks, plan.scored, strict=True):
+            if scored.offsets is not None:
+                positions = np.add(block, scored.offsets, out=np.empty(block.shape, dtype=np.intp), casting="unsafe")
+                total[scored.latents] += plan.table.take(positions)
+            else:
+                total[scored.latents] += self._terms(block, scored, model)
+        total += plan.constant
+        if model == "joint":
+            total += np.tile(self.joint_term[genes], batch)
+        return 2 * total
+
+    def _terms(self, block: np.ndarray, scored: _Scored, model: Model) -> np.ndarray:
+        """`_cell_terms` looked up in the k·log k table, from a block of n(c, h_j = 1, x_i = 1) rows and the
+        n(c, x_i = 1) row."""
+        xlogx = self.xlogx
+        both, x_ones = block[:-1].astype(np.intp), block[-1:].astype(np.intp)
+        only_x = x_ones - both
+        ones, size = scored.ones, scored.size
+        terms = xlogx.take(both) + xlogx.take(ones - both) + xlogx.take(only_x) + xlogx.take(size - ones - only_x)
+        if model == "conditional":
+            terms -= xlogx.take(x_ones) + xlogx.take(size - x_ones)
+        return terms
+
+    @staticmethod
+    def _corrected(plan: _Plan, blocks: Iterator[np.ndarray], model: Model, empty_cell: float,
+                   batch: int) -> np.ndarray:
+        """G² with the continuity correction: all strata's blocks into the layout of `_g2_corrected`."""
+        strata = plan.strata
+        counts = np.stack([block.astype(np.float64) for block in blocks])  # every stratum is scored
+        counts = counts.reshape(strata.size, counts.shape[1], batch, -1).transpose(2, 0, 1, 3)
+        values = _g2_corrected(np, counts, strata.latent_counts.astype(np.float64),
+                               strata.sizes.astype(np.float64), model, empty_cell, strata.unseen)
+        return values.transpose(1, 0, 2)
+
+
+def _dense_onehot(strata: _Strata, h: np.ndarray, permutations: np.ndarray) -> np.ndarray:
+    """Dense one-hot matrix (C·(q+1)·b × n): row (c, j, b) holds the samples that permutation b puts in stratum c
+    with h_j = 1; j = q collects the whole stratum."""
+    n = permutations.shape[1]
+    flags = np.hstack([h.astype(bool), np.ones((n, 1), dtype=bool)])[permutations].transpose(2, 0, 1)
+    codes = strata.codes[permutations]
+    onehot = (codes == np.arange(strata.size)[:, None, None, None]) & flags
+    return onehot.reshape(-1, n).astype(np.float32)
+
+
+def _product(onehot: np.ndarray, x: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    """onehot @ X as float32 (a BLAS product for dense X)."""
+    if sp.issparse(x):
+        return np.ascontiguousarray((x.T @ onehot.T).T, dtype=np.float32)
+    return onehot @ x.astype(np.float32)
+
+
+def _rows(x: np.ndarray | sp.csr_matrix, index: np.ndarray) -> np.ndarray:
+    """X's rows at index (S × b) as float32 S × (b·genes), permutation-major within a row."""
+    if sp.issparse(x):
+        return x[index.ravel()].toarray().reshape(index.shape[0], -1)
+    return x[index].reshape(index.shape[0], -1).astype(np.float32)
 
 
 class _TorchCounts:
@@ -410,15 +605,35 @@ class _TorchCounts:
         self.x = torch.as_tensor(np.asarray(dense, dtype=np.float32), device=self.device)
         self.xlogx = torch.as_tensor(_xlogx_table(x.shape[0]), device=self.device)
 
-    def counts(self, rows: np.ndarray, samples: np.ndarray, shape: tuple[int, int], dense: bool,
-               columns: slice) -> Any:
+    def batch_size(self, strata: _Strata, q: int) -> int:
+        n, p = self.x.shape
+        return max(1, min(MAX_BATCH, WORK_ELEMENTS // (strata.size * (q + 1) * max(n, p))))
+
+    def g2(self, strata: _Strata, h: np.ndarray, permutations: np.ndarray | None, model: Model,
+           empty_cell: float) -> np.ndarray:
+        """G² (b × q × p): one sparse one-hot product per chunk of candidates, every stratum-latent cell scored."""
+        n, p = self.x.shape
+        q = h.shape[1]
+        rows, samples = _bin_entries(strata, h, permutations)
+        batch = 1 if permutations is None else permutations.shape[0]
+        shape = (batch * strata.size * (q + 1), n)
+        width = max(1, WORK_ELEMENTS // (batch * strata.size * (q + 1)))
+        result = np.empty((batch, q, p))
+        for start in range(0, p, width):
+            stop = min(p, start + width)
+            counts = self._counts(rows, samples, shape, slice(start, stop))
+            result[:, :, start:stop] = self._g2(counts.reshape(batch, strata.size, q + 1, stop - start), strata,
+                                                model, empty_cell)
+        return result
+
+    def _counts(self, rows: np.ndarray, samples: np.ndarray, shape: tuple[int, int], columns: slice) -> Any:
         torch = self.torch
         indices = torch.as_tensor(np.stack([rows, samples]), device=self.device)
         values = torch.ones(rows.size, dtype=torch.float32, device=self.device)
         onehot = torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
         return torch.sparse.mm(onehot, self.x[:, columns].contiguous())
 
-    def g2(self, counts: Any, strata: _Strata, model: Model, empty_cell: float) -> np.ndarray:
+    def _g2(self, counts: Any, strata: _Strata, model: Model, empty_cell: float) -> np.ndarray:
         torch = self.torch
         if empty_cell == 0:
             as_int = functools.partial(torch.as_tensor, dtype=torch.int64, device=self.device)
@@ -458,7 +673,8 @@ def _backend_for(device: str, x: np.ndarray | sp.csr_matrix) -> _NumpyCounts | _
 
 
 def _binary_genes(x: Any) -> np.ndarray | sp.csr_matrix:
-    """Check X is a 2-D 0/1 matrix; return it as float32, dense when that fits in DENSE_LIMIT_BYTES."""
+    """Check X is a 2-D 0/1 matrix; return it dense as uint8 when that fits in DENSE_LIMIT_BYTES, else as float32
+    CSR."""
     if sp.issparse(x):
         x = sp.csr_matrix(x, dtype=np.float32, copy=True)
         x.sum_duplicates()
@@ -470,9 +686,9 @@ def _binary_genes(x: Any) -> np.ndarray | sp.csr_matrix:
         raise InputError(f"genes must be a non-empty samples × genes matrix, got shape {x.shape}")
     if not ((values == 0) | (values == 1)).all():
         raise InputError("genes must be binary (0/1): discretise them first")
-    if sp.issparse(x) and x.shape[0] * x.shape[1] * 4 <= DENSE_LIMIT_BYTES:
-        return x.toarray()
-    return x if sp.issparse(x) else np.ascontiguousarray(x, dtype=np.float32)
+    if sp.issparse(x) and x.shape[0] * x.shape[1] <= DENSE_LIMIT_BYTES:
+        return x.toarray().astype(np.uint8)
+    return x if sp.issparse(x) else np.ascontiguousarray(x, dtype=np.uint8)
 
 
 def _binary_latents(h: Any, n: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """PNG figures of an explanation (matplotlib's object API with the Agg canvas: no pyplot state, no display):
-latent scatter with density contours per label, loadings map, selection path, original vs transferred
+latent scatter with density contours per label, top genes per factor, selection path, original vs transferred
 labels, the pattern MDS map and the cell × gene pattern heat map."""
 from __future__ import annotations
 
@@ -81,23 +81,38 @@ def latent_scatter(
     return _save(figure, path)
 
 
-def loadings_map(
-    loadings: pd.DataFrame, path: str | Path, factors: tuple[int, int] = (0, 1), n_labels: int = 12
+def loadings_chart(
+    top: pd.DataFrame, path: str | Path, variance: pd.Series | None = None, n_factors: int = 6
 ) -> Path:
-    """Every gene at (loading on factor i, loading on factor j); the genes farthest from 0 are named."""
-    i, j = factors
-    x = loadings.iloc[:, i].to_numpy()
-    y = loadings.iloc[:, j].to_numpy() if loadings.shape[1] > j else np.zeros(len(x))
-    figure = Figure(figsize=(6, 6))
-    axes = figure.add_subplot()
-    axes.scatter(x, y, s=4, color="0.6", linewidths=0)
-    for k in np.argsort(-np.hypot(x, y))[:n_labels]:
-        axes.scatter(x[k], y[k], s=10, color="tab:red", linewidths=0)
-        axes.annotate(str(loadings.index[k]), (x[k], y[k]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes.axhline(0, color="0.8", linewidth=0.6)
-    axes.axvline(0, color="0.8", linewidth=0.6)
-    ylabel = f"loading on {loadings.columns[j]}" if loadings.shape[1] > j else ""
-    axes.set(xlabel=f"loading on {loadings.columns[i]}", ylabel=ylabel, title="gene loadings")
+    """Per factor (the `n_factors` explaining most variance given `variance`, by factor name; else the first),
+    its top-ranked genes of each sign (`loadings.top_genes`) as named bars of their score, loading × gene weight,
+    the strongest positive at the top and the strongest negative at the bottom: what each factor means, in genes a
+    reader knows."""
+    factors = list(dict.fromkeys(top["factor"]))
+    if variance is not None:
+        factors = sorted(factors, key=lambda factor: -float(variance.get(factor, 0.0)))
+    factors = factors[:n_factors]
+    columns = min(3, max(len(factors), 1))
+    rows = max(1, -(-len(factors) // columns))
+    height = max(2, top.groupby("factor").size().max() if len(top) else 2)
+    figure = Figure(figsize=(4.2 * columns, 0.22 * height * rows + 1.2 * rows))
+    panels = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axes, factor in zip(panels, factors, strict=False):
+        own = top[top["factor"] == factor]
+        genes = pd.concat([own[own["sign"] == "+"].sort_values("rank"),
+                           own[own["sign"] == "-"].sort_values("rank", ascending=False)])
+        y = np.arange(len(genes))[::-1]
+        colours = np.where(genes["sign"] == "+", "tab:red", "tab:blue")
+        axes.barh(y, genes["score"], color=colours, alpha=0.8)
+        axes.set_yticks(y, genes["gene"].tolist(), fontsize=7)
+        axes.axvline(0, color="0.5", linewidth=0.6)
+        share = f" ({100 * float(variance[factor]):.1f}% var.)" if variance is not None and factor in variance else ""
+        axes.set_title(f"{factor}{share}", fontsize=9)
+        axes.tick_params(axis="x", labelsize=7)
+    for axes in panels[len(factors):]:
+        axes.set_visible(False)
+    figure.suptitle("top genes per factor: loading × gene weight (mean count / (1 + mean count))", fontsize=10)
+    figure.tight_layout()
     return _save(figure, path)
 
 

@@ -240,6 +240,9 @@ class Batch:
     log_library: torch.Tensor
     batch_index: torch.Tensor | None
     index: torch.Tensor
+    whole: bool | None = None
+    """Whether every count is a whole number, if known for the whole data set (None: not known), so that
+    likelihoods need not check each batch."""
 
 
 class CountBatches:
@@ -247,6 +250,8 @@ class CountBatches:
 
     Small matrices are moved to the device once as a dense tensor (fastest, also on GPU); large ones stay
     sparse on the host and only the current batch is densified, so memory is the sparse matrix plus a batch.
+    `whole` says whether every count is a whole number, if known (training counts are checked to be): each batch
+    carries it, so likelihoods need not check.
     """
 
     DENSE_LIMIT = 2**28  # bytes of dense float32 kept on the device at most
@@ -260,6 +265,7 @@ class CountBatches:
         seed: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        whole: bool | None = None,
     ) -> None:
         if counts.shape[0] == 0:
             raise InputError("no cells to batch")
@@ -279,6 +285,7 @@ class CountBatches:
             torch.from_numpy(counts.toarray()).to(self.device) if dense_bytes <= self.DENSE_LIMIT else None
         )
         self.sparse = None if self.dense is not None else counts
+        self.whole = whole
 
     def __len__(self) -> int:
         full, rest = divmod(self.n_cells, self.batch_size)
@@ -302,7 +309,8 @@ class CountBatches:
         else:
             x = torch.from_numpy(self.sparse[rows].toarray()).to(self.device, non_blocking=True)
         codes = self.batch_codes[rows] if self.batch_codes is not None else None
-        return Batch(x=x, log_library=self.log_library[rows], batch_index=codes, index=torch.arange(start, stop))
+        index = torch.arange(start, stop)
+        return Batch(x=x, log_library=self.log_library[rows], batch_index=codes, index=index, whole=self.whole)
 
     def take(self, index: torch.Tensor) -> Batch:
         """The batch made of the given cell indices."""
@@ -312,7 +320,8 @@ class CountBatches:
         else:
             x = torch.from_numpy(self.sparse[index.numpy()].toarray()).to(self.device, non_blocking=True)
         codes = self.batch_codes.index_select(0, device_index) if self.batch_codes is not None else None
-        return Batch(x=x, log_library=self.log_library.index_select(0, device_index), batch_index=codes, index=index)
+        log_library = self.log_library.index_select(0, device_index)
+        return Batch(x=x, log_library=log_library, batch_index=codes, index=index, whole=self.whole)
 
 
 def log_normalize(x: torch.Tensor, target_sum: float = 1e4) -> torch.Tensor:

@@ -8,8 +8,10 @@ log(theta + mu) is a stable logaddexp and no epsilon is needed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -33,35 +35,81 @@ def log_nb(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> to
     )
 
 
-TABLE_COUNTS = 32
-"""Counts up to this read lgamma/digamma differences from per-gene tables in `nb_log_prob` (exact beyond)."""
+TABLE_SLOTS = 1 << 18
+"""Most slots of a count table (see `_CountTable`); beyond it, counts above a common cap are read one by one."""
+
+
+@dataclass(frozen=True)
+class _CountTable:
+    """Where each (gene, whole count) pair of a batch sits in a flat per-gene table: gene g's counts
+    0..min(max_g, cap) occupy consecutive slots from `start[g]`, genes one after the other (max_g: the gene's
+    largest count in the batch; about 8 slots per gene on PBMC 3k at 128 cells)."""
+
+    start: torch.Tensor
+    """(genes,) int32: the slot of each gene's count 0."""
+    count: torch.Tensor
+    """(slots,) the count k of each slot, in the counts' float dtype."""
+    gene: torch.Tensor
+    """(slots,) int64: the gene of each slot."""
+    first: torch.Tensor
+    """(slots,) int64: the first slot of each slot's gene."""
+    cap: int | None
+    """Counts above `cap` have no slot (None: every count has one)."""
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> _CountTable:
+        """The table of whole counts x (cells x genes), at most TABLE_SLOTS slots (or one per gene): the cap,
+        when one is needed, is the largest that fits."""
+        maxima = x.amax(0).cpu().numpy().astype(np.int64)
+        cap = None
+        if int(maxima.sum()) + maxima.size > TABLE_SLOTS:
+            low, high = 0, int(maxima.max())  # the largest c with sum(min(maxima, c) + 1) <= TABLE_SLOTS
+            while low < high:
+                middle = (low + high + 1) // 2
+                fits = int(np.minimum(maxima, middle).sum()) + maxima.size <= TABLE_SLOTS
+                low, high = (middle, high) if fits else (low, middle - 1)
+            cap = low
+            maxima = np.minimum(maxima, cap)
+        widths = maxima + 1
+        start = np.cumsum(widths) - widths
+        gene = np.repeat(np.arange(maxima.size), widths)
+        first = start[gene]
+        return cls(
+            start=torch.from_numpy(start.astype(np.int32)).to(x.device),
+            count=torch.from_numpy(np.arange(gene.size) - first).to(x.device, x.dtype),
+            gene=torch.from_numpy(gene).to(x.device),
+            first=torch.from_numpy(first).to(x.device),
+            cap=cap,
+        )
 
 
 class _NBLogProb(torch.autograd.Function):
     """Per-cell NB log-likelihood with hand-written gradients: the training hot path.
 
     With d = log mu - log theta, log NB = x d - (theta + x) softplus(d) + [lgamma(x + theta) - lgamma(theta)
-    - lgamma(x + 1)]. The bracket and its theta-derivative psi(x + theta) - psi(theta) are cumulative sums over
-    j < x of log(theta + j) - log(j + 1) and 1 / (theta + j): small per-gene tables gathered at x, instead of
-    lgamma/digamma on every entry (the slowest kernels on CPU). Non-integer counts fall back to lgamma.
+    - lgamma(x + 1)]. For whole counts the bracket and its theta-derivative psi(x + theta) - psi(theta) are sums
+    over j < x of log(theta + j) - log(j + 1) and 1 / (theta + j): per-gene tables over the counts the batch has
+    (`_CountTable`), read with one gather per entry, instead of lgamma/digamma on every entry (the slowest
+    kernels on CPU). Other counts use lgamma.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None
+        ctx: Any, x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None, whole: bool
     ) -> torch.Tensor:
         lt = log_theta if rows is None else log_theta.index_select(0, rows)
         theta = lt.exp()
         d = log_mu - lt
         sp = F.softplus(d)
         tx = x + theta
-        value = torch.linalg.vecdot(x, d) - torch.linalg.vecdot(tx, sp)
         needs_theta = ctx.needs_input_grad[2]
-        gamma_terms, digamma_terms = _gamma_terms(x, log_theta, rows, needs_theta)
-        value = value + gamma_terms.sum(-1)
+        gamma_terms, digamma_terms = _gamma_terms(x, log_theta, rows, whole, needs_theta)
+        # x d - (x + theta) softplus(d) + gamma terms, summed per cell: three passes (each is one parallel region
+        # on CPU, which costs more than the arithmetic when threads sleep between them)
+        value = torch.addcmul(gamma_terms, x, d).addcmul_(tx, sp, value=-1.0).sum(-1)
         if ctx.needs_input_grad[1] or needs_theta:
-            grad_d = x - tx * torch.sigmoid(d)
-            ctx.save_for_backward(grad_d, sp, theta, digamma_terms, rows)
+            grad_d = torch.addcmul(x, tx, torch.sigmoid(d), value=-1.0)  # x - (x + theta) mu / (theta + mu)
+            ctx.save_for_backward(grad_d, sp if needs_theta else None, theta, digamma_terms, rows)
             ctx.n_rows = log_theta.shape[0]
         return value
 
@@ -70,42 +118,63 @@ class _NBLogProb(torch.autograd.Function):
         grad_d, sp, theta, digamma_terms, rows = ctx.saved_tensors
         grad_mu = grad_d * grad_value[:, None] if ctx.needs_input_grad[1] else None
         grad_theta = None
-        if ctx.needs_input_grad[2]:
-            per_entry = theta * (digamma_terms - sp) - grad_d
-            if rows is None:
-                grad_theta = (grad_value @ per_entry)[None, :]
+        if ctx.needs_input_grad[2]:  # d/d log theta of each entry: theta (psi terms - softplus(d)) - grad_d
+            if rows is None:  # summed over cells as products with grad_value: no (cells, genes) temporary
+                grad_theta = theta * (grad_value @ digamma_terms - grad_value @ sp) - grad_value @ grad_d
             else:
+                per_entry = theta * (digamma_terms - sp) - grad_d
                 grad_theta = torch.zeros(ctx.n_rows, per_entry.shape[1], dtype=per_entry.dtype, device=per_entry.device)
                 grad_theta.index_add_(0, rows, per_entry * grad_value[:, None])
-        return None, grad_mu, grad_theta, None
+        return None, grad_mu, grad_theta, None, None
+
+
+def _slot_rows(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """matrix[index] of a (n, groups) matrix as one gather over its flat values (on CPU, selecting rows of a
+    narrow matrix costs several times a flat gather)."""
+    groups = matrix.shape[1]
+    if groups > 1:
+        index = (index[:, None] * groups + torch.arange(groups, device=index.device)).view(-1)
+    return matrix.reshape(-1).index_select(0, index).view(-1, groups)
+
+
+def _earlier_sums(steps: torch.Tensor, table: _CountTable) -> torch.Tensor:
+    """For every slot of `table` (rows of `steps`), the sum of `steps` over the earlier slots of its gene: one
+    running sum over all slots in float64, less its value at each gene's first slot."""
+    running = steps.double().cumsum(0) - steps
+    return (running - _slot_rows(running, table.first)).to(steps.dtype)
 
 
 def _gamma_terms(
-    x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None, with_digamma: bool
+    x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None, whole: bool, with_digamma: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) and psi(x + theta) - psi(theta) for every entry."""
+    """lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) and psi(x + theta) - psi(theta) for every entry: from
+    per-gene tables when the counts are whole, else with lgamma/digamma."""
     theta_rows = log_theta.exp()
-    theta = theta_rows if rows is None else theta_rows.index_select(0, rows)
-    if not torch.equal(x, x.floor()):
+    if not whole:
+        theta = theta_rows if rows is None else theta_rows.index_select(0, rows)
         shifted = x + theta
         terms = torch.lgamma(shifted) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
         return terms, (torch.digamma(shifted) - torch.digamma(theta) if with_digamma else None)
-    steps = torch.arange(TABLE_COUNTS, dtype=x.dtype, device=x.device)
-    shifted_steps = theta_rows[..., None] + steps
-    n_genes, width = x.shape[1], TABLE_COUNTS + 1
-    offsets = torch.arange(0, n_genes * width, width, dtype=torch.int32, device=x.device)
+    table = _CountTable.of(x)
+    groups = theta_rows.shape[0]
+    count = table.count[:, None]
+    shifted = _slot_rows(theta_rows.T, table.gene) + count  # (slots, groups): theta + k
+    index = x.to(torch.int32)
+    if table.cap is not None:
+        index.clamp_(max=table.cap)
+    index += table.start
     if rows is not None:
-        offsets = offsets + (rows.int() * (n_genes * width))[:, None]
-    index = (x.int().clamp_(max=TABLE_COUNTS) + offsets).view(-1)
-    gamma_table = F.pad((torch.log(shifted_steps) - torch.log1p(steps)).cumsum(-1), (1, 0))
+        index = index * groups + rows.to(torch.int32)[:, None]
+    index = index.view(-1)
+    gamma_table = _earlier_sums(torch.log(shifted) - torch.log1p(count), table)
     terms = gamma_table.view(-1).index_select(0, index).view_as(x)
     digamma_terms = None
     if with_digamma:
-        digamma_table = F.pad(shifted_steps.reciprocal().cumsum(-1), (1, 0))
-        digamma_terms = digamma_table.view(-1).index_select(0, index).view_as(x)
-    if x.amax() > TABLE_COUNTS:
-        cell, gene = (x > TABLE_COUNTS).nonzero(as_tuple=True)
-        k, t = x[cell, gene], theta.expand_as(x)[cell, gene]
+        digamma_terms = _earlier_sums(shifted.reciprocal(), table).view(-1).index_select(0, index).view_as(x)
+    if table.cap is not None:  # counts above the cap: exact, one by one
+        cell, gene = (x > table.cap).nonzero(as_tuple=True)
+        k = x[cell, gene]
+        t = theta_rows[0 if rows is None else rows[cell], gene]
         terms.index_put_((cell, gene), torch.lgamma(k + t) - torch.lgamma(t) - torch.lgamma(k + 1.0))
         if with_digamma:
             digamma_terms.index_put_((cell, gene), torch.digamma(k + t) - torch.digamma(t))
@@ -113,13 +182,20 @@ def _gamma_terms(
 
 
 def nb_log_prob(
-    x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None = None
+    x: torch.Tensor,
+    log_mu: torch.Tensor,
+    log_theta: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    whole: bool | None = None,
 ) -> torch.Tensor:
     """Per-cell NB log-likelihood (summed over genes) with fused gradients; equals `log_nb(...).sum(-1)`.
 
     `log_theta` is (1, genes), or (groups, genes) with `rows` giving each cell's group (gene-batch dispersion).
+    `whole`: whether every count is a whole number, if known (`Batch.whole`); None checks x.
     """
-    return _NBLogProb.apply(x, log_mu, log_theta, rows)
+    if whole is None:
+        whole = torch.equal(x, x.floor())
+    return _NBLogProb.apply(x, log_mu, log_theta, rows, whole)
 
 
 def log_zinb(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
@@ -196,13 +272,15 @@ class CountLikelihood(nn.Module):
         log_mu: torch.Tensor,
         zi_logits: torch.Tensor | None = None,
         batch_index: torch.Tensor | None = None,
+        whole: bool | None = None,
     ) -> torch.Tensor:
-        """Log-likelihood of each cell's counts (summed over genes)."""
+        """Log-likelihood of each cell's counts (summed over genes); `whole`: whether all counts are whole numbers,
+        if known (`Batch.whole`)."""
         if self.name == "poisson":
             return log_poisson(x, log_mu).sum(-1)
         if self.name == "zinb":
             return log_zinb(x, log_mu, self.dispersion(batch_index), zi_logits).sum(-1)
-        return nb_log_prob(x, log_mu, self.log_theta, batch_index if self.per_batch else None)
+        return nb_log_prob(x, log_mu, self.log_theta, batch_index if self.per_batch else None, whole)
 
     def mean(self, log_mu: torch.Tensor, zi_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Expected counts: mu, times the probability of not being an inflated zero for ZINB."""

@@ -34,7 +34,7 @@ from scdgm.models.base import (
 )
 from scdgm.models.data import Batch, CountBatches, check_device, model_counts, resolve_device
 from scdgm.models.likelihoods import LibraryPrior
-from scdgm.models.training import LoopConfig, fit_module, seed_everything
+from scdgm.models.training import LoopConfig, Replicas, fit_module, seed_everything
 
 
 @dataclass
@@ -86,12 +86,31 @@ class GenerativeModule(Protocol):
         """Expected expression of each cell given its own latent mean (reconstruction)."""
 
 
+class DataParallel(Protocol):
+    """Runs the training loop of a built model on several workers, each on its shard of the training cells
+    (`TorchModel.data_parallel`; `pipelines.distributed` supplies one on Ray)."""
+
+    def fit(
+        self,
+        model: TorchModel,
+        counts: sp.csr_matrix,
+        codes: np.ndarray | None,
+        train: np.ndarray,
+        validation: np.ndarray,
+        callbacks: Sequence[EpochCallback],
+    ) -> TrainingHistory:
+        """Train `model.module` (built and initialised from all training cells) on the cells of `train`, early
+        stopping on `validation`; leaves it at its best epoch and returns the history."""
+
+
 class TorchModel(GenerativeModel):
     """Base of the torch models: `fit` runs the shared loop; embed/sample/reconstruct batch over cells."""
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self.module: torch.nn.Module | None = None
+        self.data_parallel: DataParallel | None = None
+        """When set, `fit` builds the module here and the workers of `data_parallel` train it."""
 
     @property
     def batch_key(self) -> str | None:
@@ -130,7 +149,24 @@ class TorchModel(GenerativeModel):
         self.module = self.build_module(len(self.genes), len(self.batch_categories), counts[train]).to(device)
         train_batches = self._batches(counts[train], codes, train, shuffle=True)
         self.init_from_data(train_batches)
-        validation_batches = self._batches(counts[validation], codes, validation) if validation.any() else None
+        if self.data_parallel is not None:
+            self.history = self.data_parallel.fit(self, counts, codes, train, validation, callbacks)
+        else:
+            validation_batches = self._batches(counts[validation], codes, validation) if validation.any() else None
+            self.history = self.train_module(train_batches, validation_batches, callbacks)
+        self.module.eval()
+        return self.history
+
+    def train_module(
+        self,
+        train_batches: CountBatches,
+        validation_batches: CountBatches | None,
+        callbacks: Sequence[EpochCallback] = (),
+        replicas: Replicas | None = None,
+    ) -> TrainingHistory:
+        """Run the one training loop on the built module, which it leaves at its best epoch; in data-parallel
+        training the batches are this worker's shard and `replicas` the group of workers."""
+        config = self.config
         loop = LoopConfig(
             max_epochs=config.max_epochs,
             min_epochs=self.warmup_epochs(),
@@ -139,9 +175,7 @@ class TorchModel(GenerativeModel):
             progress=config.progress,
             description=f"training {self.kind}",
         )
-        self.history = fit_module(self.module, train_batches, validation_batches, loop, callbacks)
-        self.module.eval()
-        return self.history
+        return fit_module(self.module, train_batches, validation_batches, loop, callbacks, replicas)
 
     def _batches(
         self, counts: sp.csr_matrix, codes: np.ndarray | None, mask: np.ndarray | None = None, shuffle: bool = False
@@ -154,6 +188,7 @@ class TorchModel(GenerativeModel):
             seed=self.config.seed,
             device=self.device,
             drop_last=shuffle,
+            whole=True,  # fit's counts are checked to be whole numbers (models.data.training_counts)
         )
 
     # --- inference -------------------------------------------------------------------------------------

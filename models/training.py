@@ -5,6 +5,10 @@ A module takes part by implementing `configure_optimizers`, `training_step(batch
 `validation_step(batch, ctx)`. `training_step` calls `ctx.optimize(loss, i)` once per parameter update
 (a WGAN calls it for the critic and the generator; a DBM with its contrastive surrogate loss), so clipping,
 the NaN guard and stepping live here, written once.
+
+`Adam` and the plateau rule are written here rather than taken from torch.optim: torch.optim's optimizers import
+torch._dynamo the first time one is built or stepped (their methods are wrapped to keep the compiler out), which
+stalls the first step by seconds; these call the same fused kernel and apply the same rule without it.
 """
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import copy
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -57,12 +61,119 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Optimizer(Protocol):
+    """What the loop needs of an optimizer: `Adam` below, or any torch.optim optimizer."""
+
+    param_groups: list[dict[str, Any]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> object: ...
+
+
+class Adam:
+    """Adam with L2 weight decay, the update of torch.optim.Adam(fused=True): all tensors in one fused kernel call.
+
+    State per parameter (first and second moments, step count) starts at zero; a parameter without a gradient
+    is skipped, as torch.optim does. Only the learning rate is read from `param_groups` (the plateau rule sets it).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("Adam got no parameters")
+        self.param_groups = [{"params": self.params, "lr": lr}]
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (or zero them in place)."""
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        """One Adam update of every parameter that has a gradient, the gradients first divided by `grad_scale`
+        (a scalar tensor, e.g. to clip their norm) if given, and left so."""
+        used = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not used:
+            return
+        steps = [self.steps[i] for i in used]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            [self.params[i] for i in used],
+            [self.params[i].grad for i in used],
+            [self.exp_avg[i] for i in used],
+            [self.exp_avg_sq[i] for i in used],
+            [],
+            steps,
+            amsgrad=False,
+            lr=self.param_groups[0]["lr"],
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            maximize=False,
+            grad_scale=grad_scale,
+        )
+
+
+class Plateau:
+    """The learning rate times `factor` once the metric has not improved on its best by more than `threshold`
+    (relative) for more than `patience` steps: torch's ReduceLROnPlateau in mode 'min', without cooldown."""
+
+    def __init__(self, optimizer: Optimizer, factor: float, patience: int, threshold: float = 1e-4) -> None:
+        self.optimizer, self.factor, self.patience, self.threshold = optimizer, factor, patience, threshold
+        self.best = math.inf
+        self.bad_steps = 0
+
+    def step(self, value: float) -> None:
+        """Record the epoch's metric and lower the learning rate if it has stalled."""
+        if value < self.best * (1.0 - self.threshold):
+            self.best, self.bad_steps = value, 0
+        else:
+            self.bad_steps += 1
+        if self.bad_steps > self.patience:
+            for group in self.optimizer.param_groups:
+                lowered = group["lr"] * self.factor
+                if group["lr"] - lowered > 1e-8:
+                    group["lr"] = lowered
+            self.bad_steps = 0
+
+
+class Replicas(Protocol):
+    """The group of copies of one module in data-parallel training, each on its own shard of the cells
+    (`pipelines.distributed` on Ray): every copy steps with the gradient averaged over all of them and sees
+    epoch totals over all cells, so all copies stay equal and stop, keep and lower the LR on the same epoch."""
+
+    def average(self, grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Replace `grads` in place by their mean over the copies; returns the mean `loss`."""
+
+    def sum(self, totals: torch.Tensor, cells: int) -> tuple[torch.Tensor, int]:
+        """Per-term totals and the cell count summed over the copies."""
+
+
 class StepContext:
     """What a module's step sees: the epoch, training progress in [0, 1], and `optimize` for updates."""
 
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], config: LoopConfig, max_epochs: int) -> None:
+    def __init__(
+        self, optimizers: Sequence[Optimizer], config: LoopConfig, max_epochs: int, replicas: Replicas | None = None
+    ) -> None:
         self.optimizers = list(optimizers)
         self.config = config
+        self.replicas = replicas
         self.max_epochs = max_epochs
         self.epoch = 0
         self.step_in_epoch = 0
@@ -75,26 +186,37 @@ class StepContext:
         return min(done / max(self.max_epochs, 1), 1.0)
 
     def optimize(self, loss: torch.Tensor, optimizer_index: int = 0) -> None:
-        """Backpropagate `loss`, check for NaN, clip gradients and step optimizer `optimizer_index`."""
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {self.epoch + 1}; lower the learning rate or check the input"
-            )
+        """Backpropagate `loss`, clip gradients, check both for NaN/inf (one host sync) and step optimizer
+        `optimizer_index`."""
         optimizer = self.optimizers[optimizer_index]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        checked = loss.detach()
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.replicas is not None:  # data-parallel: clip, check and step the mean over every copy, as one
+            checked = self.replicas.average([p.grad for p in params], checked)
+        norm = None
         if self.config.grad_clip is not None and params:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-            if not torch.isfinite(norm):
-                raise TrainingDiverged(f"gradient norm became {norm.item()} at epoch {self.epoch + 1}")
-        optimizer.step()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            checked = checked + norm
+        if not torch.isfinite(checked):
+            raise TrainingDiverged(
+                f"loss {loss.item()} or gradient norm became non-finite at epoch {self.epoch + 1}; lower the "
+                "learning rate or check the input"
+            )
+        if norm is None:
+            optimizer.step()
+        elif isinstance(optimizer, Adam):  # clipped inside its fused update: one pass less over the gradients
+            optimizer.step(grad_scale=((norm + 1e-6) / self.config.grad_clip).clamp_(min=1.0))
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.grad_clip, norm, foreach=True)
+            optimizer.step()
 
 
 class TrainableModule(Protocol):
     """The torch module side of a model, as the loop drives it."""
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]: ...
+    def configure_optimizers(self) -> list[Optimizer]: ...
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]: ...
 
@@ -113,7 +235,8 @@ def _mean_metrics(totals: dict[str, float], count: int, prefix: str) -> dict[str
 
 def _run_epoch(module: TrainableModule, batches: CountBatches, ctx: StepContext, training: bool) -> dict[str, float]:
     """Average each reported term over cells (steps report per-cell means; weights are batch sizes)."""
-    totals: dict[str, torch.Tensor] = {}
+    keys: list[str] = []
+    total: torch.Tensor | None = None
     cells = 0
     module.train(training)
     ctx.steps_per_epoch = len(batches)
@@ -125,10 +248,14 @@ def _run_epoch(module: TrainableModule, batches: CountBatches, ctx: StepContext,
             with torch.no_grad():
                 logs = module.validation_step(batch, ctx)
         size = batch.x.shape[0]
-        for key, value in logs.items():  # summed as tensors: no host sync per step (matters on a GPU)
-            totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).detach().double() * size
+        # every term summed in one float64 tensor: no host sync per step (matters on a GPU), one op per step
+        values = torch.stack([torch.as_tensor(value, dtype=torch.float64) for value in logs.values()]).detach()
+        total = values * size if total is None else total.add_(values, alpha=size)
+        keys = list(logs)
         cells += size
-    sums = {key: float(total) for key, total in totals.items()}
+    if ctx.replicas is not None and total is not None:  # data-parallel: the epoch's terms over every copy's cells
+        total, cells = ctx.replicas.sum(total, cells)
+    sums = dict(zip(keys, total.tolist(), strict=True)) if total is not None else {}
     for key, value in sums.items():
         if not math.isfinite(value):
             raise TrainingDiverged(f"{key} became {value} in epoch {ctx.epoch + 1}")
@@ -141,17 +268,16 @@ def fit_module(
     validation_batches: CountBatches | None,
     config: LoopConfig,
     callbacks: Sequence[EpochCallback] = (),
+    replicas: Replicas | None = None,
 ) -> TrainingHistory:
     """Train `module` in place and leave it at its best epoch on the monitored metric; returns the history.
 
-    Without validation cells, the monitored metric falls back to the training loss of the same name.
+    Without validation cells, the monitored metric falls back to the training loss of the same name. With
+    `replicas` this is one copy of data-parallel training: its batches are its shard of the cells.
     """
     optimizers = module.configure_optimizers()
-    schedulers = [
-        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=config.lr_factor, patience=config.lr_patience)
-        for opt in optimizers
-    ]
-    ctx = StepContext(optimizers, config, config.max_epochs)
+    schedulers = [Plateau(opt, factor=config.lr_factor, patience=config.lr_patience) for opt in optimizers]
+    ctx = StepContext(optimizers, config, config.max_epochs, replicas)
     history = TrainingHistory()
     best_value, best_state, waited = math.inf, None, 0
     monitor = config.monitor if validation_batches is not None else config.monitor.replace("validation_", "train_")

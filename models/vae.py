@@ -7,10 +7,11 @@ weights are then interpretable as gene loadings (Svensson et al. 2020).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import anndata as ad
 import numpy as np
@@ -33,7 +34,7 @@ from scdgm.models.data import Batch, split_mask
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
 from scdgm.models.nn import mlp, with_batch
 from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
-from scdgm.models.training import StepContext
+from scdgm.models.training import Adam, StepContext
 
 VAR_EPS = 1e-4
 MAX_LOG_VAR = 12.0
@@ -150,6 +151,30 @@ def positive(raw: torch.Tensor) -> torch.Tensor:
     return torch.exp(raw.clamp(max=MAX_LOG_VAR)) + VAR_EPS
 
 
+class _DrawWithKL(torch.autograd.Function):
+    """z = mean + sqrt(var) noise and KL(N(mean, var) || N(0, 1)) per cell, var = positive(raw), with
+    hand-written gradients: one autograd step instead of some twenty on tensors of cells x latents, whose cost
+    is all per-operation overhead."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, mean: torch.Tensor, raw: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        var = positive(raw)
+        std = var.sqrt()
+        kl = 0.5 * (var + mean.square() - 1.0 - var.log()).sum(-1)
+        ctx.save_for_backward(mean, raw, var, std, noise)
+        return torch.addcmul(mean, std, noise), kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_z: torch.Tensor, grad_kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        mean, raw, var, std, noise = ctx.saved_tensors
+        grad_kl = grad_kl[:, None]
+        grad_mean = torch.addcmul(grad_z, grad_kl, mean)
+        grad_var = torch.addcmul(0.5 * grad_kl * (1.0 - var.reciprocal()), grad_z, noise / (2.0 * std))
+        return grad_mean, grad_var * (var - VAR_EPS) * (raw <= MAX_LOG_VAR), None
+
+
 @dataclass
 class Posterior:
     """q(z | x) and, with a learned library, q(log library | x) (shapes (cells, n_latent) and (cells, 1))."""
@@ -206,6 +231,11 @@ class VAEModule(nn.Module):
         logits, zero_logits = self.decoder(z, batch_index)
         return F.log_softmax(logits, dim=-1) + log_library[:, None], zero_logits
 
+    def _log_px(self, batch: Batch, z: torch.Tensor, library: torch.Tensor | None) -> torch.Tensor:
+        """log p(x | z, library) of each cell (the observed library when `library` is None)."""
+        log_mu, zero_logits = self.decode(z, batch.log_library if library is None else library[:, 0], batch.batch_index)
+        return self.likelihood.log_prob(batch.x, log_mu, zero_logits, batch.batch_index, batch.whole)
+
     def _draw(self, batch: Batch) -> tuple[Posterior, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One reparameterised draw of (z, log library) per cell and log p(x | z, library)."""
         post = self.posterior(batch)
@@ -213,20 +243,25 @@ class VAEModule(nn.Module):
         library = None
         if self.learned_library:
             library = post.library_mean + post.library_var.sqrt() * torch.randn_like(post.library_mean)
-        log_mu, zero_logits = self.decode(z, batch.log_library if library is None else library[:, 0], batch.batch_index)
-        return post, z, library, self.likelihood.log_prob(batch.x, log_mu, zero_logits, batch.batch_index)
+        return post, z, library, self._log_px(batch, z, library)
 
     def _library_prior(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mean, var = self.library_prior.parameters_for(batch.batch_index, batch.x.shape[0])
         return mean[:, None], var[:, None]
 
     def elbo_terms(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-cell reconstruction term -log p(x | z, l) (one draw) and analytic KL divergence."""
-        post, _, _, log_px = self._draw(batch)
-        kl = gaussian_kl(post.mean, post.var)
+        """Per-cell reconstruction term -log p(x | z, l) (one draw) and analytic KL divergence: the draws of
+        `_draw` (same noise, same order), the latent one and its KL fused (`_DrawWithKL`)."""
+        out = self.encoder(torch.log1p(batch.x), batch.batch_index)
+        k = self.n_latent
+        mean = out[:, :k]
+        z, kl = _DrawWithKL.apply(mean, out[:, k : 2 * k], torch.randn_like(mean))
+        library = None
         if self.learned_library:
-            kl = kl + gaussian_kl(post.library_mean, post.library_var, *self._library_prior(batch))
-        return -log_px, kl
+            library_mean, library_var = out[:, 2 * k : 2 * k + 1], positive(out[:, -1:])
+            library = library_mean + library_var.sqrt() * torch.randn_like(library_mean)
+            kl = kl + gaussian_kl(library_mean, library_var, *self._library_prior(batch))
+        return -self._log_px(batch, z, library), kl
 
     def log_importance_weight(self, batch: Batch) -> torch.Tensor:
         """log p(x, z, l) - log q(z, l | x) for one posterior draw per cell (its mean over draws is the ELBO)."""
@@ -238,7 +273,7 @@ class VAEModule(nn.Module):
         return weight
 
     # --- training hooks --------------------------------------------------------------------------------
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> list[Adam]:
         return [adam(self.parameters(), self.config)]
 
     def kl_weight(self, ctx: StepContext) -> float:
@@ -289,9 +324,9 @@ def log_mean_proportion(counts: sp.csr_matrix) -> torch.Tensor:
     return torch.from_numpy(np.log(totals / totals.sum()).astype(np.float32))
 
 
-def adam(parameters: object, config: TrainConfig) -> torch.optim.Optimizer:
+def adam(parameters: Iterable[nn.Parameter], config: TrainConfig) -> Adam:
     """Adam as scVI configures it (eps 0.01), fused into one kernel."""
-    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, eps=0.01, fused=True)
+    return Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, eps=0.01)
 
 
 class VAE(TorchCountEncoder):
@@ -325,7 +360,8 @@ class VAE(TorchCountEncoder):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
-            for batch in self.inference_batches(adata, batch_size=1024):
+            for cells in self.inference_batches(adata, batch_size=1024):
+                batch = dataclasses.replace(cells, whole=torch.equal(cells.x, cells.x.floor()))  # once, not per draw
                 weights = torch.stack([module.log_importance_weight(batch) for _ in range(draws)])
                 elbo.append(weights.mean(0))
                 marginal.append(torch.logsumexp(weights, 0) - math.log(draws))

@@ -83,8 +83,8 @@ def summary(report: dict[str, Any]) -> str:
     if heldout:
         lines.append(
             f"held-out label transfer ({heldout['n_test_cells']} test cells; table from {heldout['n_train_cells']} "
-            f"training cells): accuracy {heldout['accuracy']:.3f} with every cell labelled; abstaining on unseen "
-            f"patterns, coverage {heldout['coverage']:.3f} and accuracy {heldout['covered_accuracy']:.3f}; "
+            f"training cells): accuracy {heldout['accuracy']:.3f} with every cell labelled; abstaining ("
+            f"{heldout['abstains_on']}), coverage {heldout['coverage']:.3f} and accuracy {heldout['covered_accuracy']:.3f}; "
             f"majority baseline {heldout['majority_baseline']:.3f}"
         )
     if "accuracy" in transfer:

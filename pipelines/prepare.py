@@ -1,4 +1,5 @@
-"""`scdgm prepare`: cell and gene QC, labels (given or marker-annotated), highly variable genes, seeded split.
+"""`scdgm prepare`: cell QC (outliers by MADs of this data, or fixed limits), gene QC, labels (given or
+marker-annotated), highly variable genes, seeded split.
 
 The output keeps raw integer counts in .X and layers['counts'] for the highly variable genes, the label in
 obs['cell_type'], the split in obs['split'] (train/validation/test) and the lineage in uns['scdgm_prepare'].
@@ -14,7 +15,7 @@ import typer
 
 from scdgm.defaults import default_section
 from scdgm.errors import InputError, ScdgmError
-from scdgm.pipelines.annotate import annotate_by_markers
+from scdgm.pipelines.annotate import annotate_by_markers, check_thresholds
 from scdgm.pipelines.config import apply_overrides, load_params
 from scdgm.pipelines.io import read_counts, validate_counts, write_h5ad_atomic
 
@@ -38,6 +39,15 @@ SETTING_MINIMUMS = (  # (setting, least value, may be null)
     ("n_neighbors", 2, False),
 )
 CLI_NAMES = {"n_top_genes": " (--n-top-genes)"}
+QC_MODES = ("mad", "fixed")
+MAD_SCALE = 1.4826
+"""Scales the median absolute deviation to the standard deviation of normal data (R's mad, OSCA's isOutlier), so
+prepare.nmads reads as standard deviations; the scverse best-practices guide's unscaled 5 MADs are 3.4 of these."""
+MAD_ZERO = "MAD is 0 (half the cells or more share the median value), so no outlier limit"
+QC_HINTS = {
+    "mad": "Raise prepare.nmads / mito_nmads (or mito_ceiling), or set prepare.qc: fixed with limits for this data",
+    "fixed": "Loosen prepare.min_genes / max_genes / max_mito_fraction for this data, or set prepare.qc: mad",
+}
 DEFAULTS: dict[str, Any] = default_section("prepare")
 """The packaged params.yaml's `prepare:` section: what `prepare()` uses for every setting not given."""
 
@@ -62,13 +72,22 @@ def resolve_settings(params: dict[str, Any]) -> dict[str, Any]:
         if not (value is None and optional) and not (_is_number(value, integer=True) and value >= minimum):
             allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
             raise ScdgmError(f"prepare.{key}{CLI_NAMES.get(key, '')} must be {allowed}, got {value!r}")
-    mito, resolution = settings["max_mito_fraction"], settings["leiden_resolution"]
-    if mito is not None and not (_is_number(mito) and 0 <= mito <= 1):
-        raise ScdgmError(f"prepare.max_mito_fraction must be in [0, 1] or null, got {mito!r}")
+    if settings["qc"] not in QC_MODES:
+        raise ScdgmError(f"prepare.qc must be one of {', '.join(QC_MODES)}, got {settings['qc']!r}")
+    for key in ("nmads", "mito_nmads"):
+        if not (_is_number(settings[key]) and 0 < settings[key] < np.inf):
+            raise ScdgmError(f"prepare.{key} must be a positive number, got {settings[key]!r}")
+    for key in ("max_mito_fraction", "mito_ceiling"):
+        mito = settings[key]
+        if mito is not None and not (_is_number(mito) and 0 <= mito <= 1):
+            raise ScdgmError(f"prepare.{key} must be in [0, 1] or null, got {mito!r}")
+    resolution = settings["leiden_resolution"]
     if not (_is_number(resolution) and 0 < resolution < np.inf):
         raise ScdgmError(f"prepare.leiden_resolution must be a positive number, got {resolution!r}")
     if settings["label_key"] is not None and not isinstance(settings["label_key"], str):
         raise ScdgmError(f"prepare.label_key must be an obs column name or null, got {settings['label_key']!r}")
+    check_thresholds(settings["annotation_min_markers"], settings["annotation_min_score"],
+                     settings["annotation_min_margin"])  # before QC, and also when labels are given
     return settings
 
 
@@ -88,8 +107,9 @@ def check_gene_budget(n_top_genes: int, n_genes: int) -> None:
 
 
 def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> tuple[ad.AnnData, dict[str, Any]]:
-    """Keep cells within the gene-count and mitochondrial limits, then genes detected in enough of them; returns
-    the new AnnData and what QC removed (`qc_report`). Too few cells left for the split is a user error.
+    """Keep cells within the QC limits (`qc_limits`: MAD outliers or fixed limits), then genes detected in enough
+    of them; returns the new AnnData and what QC removed (`qc_report`). Too few cells left for the split is a user
+    error.
 
     Adds obs['n_genes'], obs['total_counts'] and obs['mito_fraction'] (computed over all input genes).
     """
@@ -99,30 +119,34 @@ def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> tuple[ad.Ann
     if (counts.data == 0).any():
         counts = counts.copy()
         counts.eliminate_zeros()
-    n_genes = np.diff(counts.indptr)
-    total = np.asarray(counts.sum(axis=1)).ravel()
     mito = np.asarray([str(g).upper().startswith("MT-") for g in adata.var_names])
-    mito_counts = np.asarray(counts[:, mito].sum(axis=1)).ravel() if mito.any() else np.zeros(adata.n_obs)
-    mito_fraction = np.divide(mito_counts, total, out=np.zeros(adata.n_obs), where=total > 0)
-    failing = {"min_genes": n_genes < settings["min_genes"]}
-    if settings["max_genes"] is not None:
-        failing["max_genes"] = n_genes > settings["max_genes"]
-    if settings["max_mito_fraction"] is not None:
-        failing["max_mito_fraction"] = mito_fraction > settings["max_mito_fraction"]
-    keep = ~np.logical_or.reduce(list(failing.values()))
-    qc = qc_report(adata, failing, keep, settings.get("label_key"))
+    total = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    mito_counts = np.asarray(counts[:, mito].sum(axis=1), dtype=np.float64).ravel() if mito.any() else None
+    metrics = {
+        "n_genes": np.diff(counts.indptr),
+        "total_counts": total,
+        "mito_fraction": np.zeros(adata.n_obs) if mito_counts is None else
+        np.divide(mito_counts, total, out=np.zeros(adata.n_obs), where=total > 0),
+    }
+    limits, skipped = qc_limits(metrics, mito_counts, settings)
+    failing = {
+        name: metrics[metric] < threshold if side == "<" else metrics[metric] > threshold
+        for name, (metric, side, threshold) in limits.items()
+    }
+    keep = ~np.logical_or.reduce([np.zeros(adata.n_obs, dtype=bool), *failing.values()])
+    qc = qc_report(adata, settings["qc"], limits, failing, skipped, keep, settings.get("label_key"))
     if not keep.any():
+        n_genes = metrics["n_genes"]
         raise InputError(
-            f"no cells left after QC: none of {adata.n_obs} cells has min_genes={settings['min_genes']} <= genes "
-            f"detected <= max_genes={settings['max_genes']} and mito fraction <= "
-            f"max_mito_fraction={settings['max_mito_fraction']} (detected genes range {n_genes.min()}-{n_genes.max()})"
+            f"no cells left after QC: none of {adata.n_obs} cells passes {describe_limits(qc)} "
+            f"(detected genes range {n_genes.min()}-{n_genes.max()}); {QC_HINTS[settings['qc']]}"
         )
     check_split_sizes(int(keep.sum()), settings["split"], qc)
     adata = adata[keep].copy()
     adata.X = counts[keep]
-    adata.obs["n_genes"] = n_genes[keep].astype(np.int64)
+    adata.obs["n_genes"] = metrics["n_genes"][keep].astype(np.int64)
     adata.obs["total_counts"] = total[keep].astype(np.float32)
-    adata.obs["mito_fraction"] = mito_fraction[keep].astype(np.float32)
+    adata.obs["mito_fraction"] = metrics["mito_fraction"][keep].astype(np.float32)
     n_cells = np.bincount(adata.X.indices, minlength=adata.n_vars)
     genes = n_cells >= settings["min_cells"]
     if not genes.any():
@@ -133,13 +157,77 @@ def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> tuple[ad.Ann
     return adata[:, genes].copy(), qc
 
 
-def qc_report(adata: ad.AnnData, failing: dict[str, np.ndarray], keep: np.ndarray, label_key: str | None) -> dict[str, Any]:
-    """What QC removed: cells failing each limit (a cell may fail several), cells dropped and kept, and with
-    labels the cells dropped per class; warns when a class loses more than MAX_CLASS_LOSS of its cells."""
+def qc_limits(
+    metrics: dict[str, np.ndarray], mito_counts: np.ndarray | None, settings: dict[str, Any]
+) -> tuple[dict[str, tuple[str, str, float]], dict[str, str]]:
+    """The cell QC limits as {name: (metric, '<' or '>', threshold)}: cells beyond a threshold fail it; and the
+    metrics left unfiltered, with why ({metric: reason}). `mito_counts` is None without MT- genes (no mito limit).
+
+    `qc: mad` flags outliers on log scales (MADs scaled to a standard deviation, MAD_SCALE): total counts and
+    genes detected beyond `nmads` MADs of the median log1p on either side; the mito fraction above `mito_nmads`
+    MADs of the median log fraction (one count added to MT- and total counts), and above `mito_ceiling` when set.
+    On the log scale a cell type with a few times more MT- reads is not an outlier while dying cells (most
+    reads MT-) are; on the plain fraction a class with twice the median would be cut. A metric whose MAD is 0 (half
+    the cells share one value) has no spread to judge outliers by and is not filtered by MADs. `qc: fixed`
+    applies min_genes, max_genes and max_mito_fraction as given.
+    """
+    limits: dict[str, tuple[str, str, float]] = {}
+    skipped: dict[str, str] = {}
+    if settings["qc"] == "fixed":
+        limits["min_genes"] = ("n_genes", "<", settings["min_genes"])
+        if settings["max_genes"] is not None:
+            limits["max_genes"] = ("n_genes", ">", settings["max_genes"])
+    else:
+        for metric in ("total_counts", "n_genes"):
+            centre, spread = median_and_mad(np.log1p(metrics[metric]))
+            if spread == 0:
+                skipped[metric] = MAD_ZERO
+                continue
+            reach = settings["nmads"] * spread
+            limits[f"{metric}_low"] = (metric, "<", float(np.expm1(centre - reach)))
+            limits[f"{metric}_high"] = (metric, ">", float(np.expm1(centre + reach)))
+    if mito_counts is None:
+        skipped["mito_fraction"] = "no MT- genes"
+    elif settings["qc"] == "fixed":
+        if settings["max_mito_fraction"] is not None:
+            limits["max_mito_fraction"] = ("mito_fraction", ">", settings["max_mito_fraction"])
+    else:
+        centre, spread = median_and_mad(np.log1p(mito_counts) - np.log1p(metrics["total_counts"]))
+        if spread == 0:
+            skipped["mito_fraction"] = MAD_ZERO
+        else:
+            limits["mito_fraction_high"] = ("mito_fraction", ">", min(1.0, float(np.exp(centre + settings["mito_nmads"] * spread))))
+        if settings["mito_ceiling"] is not None:
+            limits["mito_ceiling"] = ("mito_fraction", ">", settings["mito_ceiling"])
+    return limits, skipped
+
+
+def median_and_mad(values: np.ndarray) -> tuple[float, float]:
+    """The median and the median absolute deviation from it, scaled by MAD_SCALE."""
+    centre = float(np.median(values))
+    return centre, MAD_SCALE * float(np.median(np.abs(values - centre)))
+
+
+def qc_report(
+    adata: ad.AnnData,
+    mode: str,
+    limits: dict[str, tuple[str, str, float]],
+    failing: dict[str, np.ndarray],
+    skipped: dict[str, str],
+    keep: np.ndarray,
+    label_key: str | None,
+) -> dict[str, Any]:
+    """What QC removed: the mode, each limit's threshold and the cells failing it (a cell may fail several), the
+    metrics not filtered and why, cells dropped, and with labels the cells dropped per class; warns when a class
+    loses more than MAX_CLASS_LOSS of its cells."""
     report: dict[str, Any] = {
+        "mode": mode,
         "cells_in": int(keep.size),
         "cells_dropped": int((~keep).sum()),
+        "limits": {name: f"{metric} {side} {show(threshold)}" for name, (metric, side, threshold) in limits.items()},
+        "thresholds": {name: float(threshold) for name, (_, _, threshold) in limits.items()},
         "dropped_by": {name: int(mask.sum()) for name, mask in failing.items()},
+        "skipped": skipped,
     }
     if label_key is not None and label_key in adata.obs:
         labels = adata.obs[label_key].astype(str).to_numpy()
@@ -157,16 +245,36 @@ def qc_report(adata: ad.AnnData, failing: dict[str, np.ndarray], keep: np.ndarra
     return report
 
 
+def show(value: float) -> str:
+    """A threshold as text: whole numbers as integers, others to four significant digits (no exponent)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def describe_limits(qc: dict[str, Any]) -> str:
+    """The QC limits of a `qc_report` in one line: mode, each limit with its threshold, the metrics not filtered."""
+    limits = ", ".join(qc["limits"].values()) or "no limit"
+    skipped = "".join(f"; {metric} not filtered: {why}" for metric, why in qc["skipped"].items())
+    return f"qc={qc['mode']} limits (a cell fails one when {limits}){skipped}"
+
+
+def describe_qc(qc: dict[str, Any]) -> str:
+    """What QC dropped, for the terminal: the cells dropped, and per limit its threshold and the cells failing it."""
+    failing = ", ".join(f"{qc['limits'][name]}: {count}" for name, count in qc["dropped_by"].items()) or "none"
+    skipped = "".join(f"; {metric} not filtered: {why}" for metric, why in qc["skipped"].items())
+    return (f"QC (qc={qc['mode']}) dropped {qc['cells_dropped']} of {qc['cells_in']} cells; cells failing each limit: "
+            f"{failing}{skipped}")
+
+
 def check_split_sizes(n_cells: int, fractions: dict[str, float], qc: dict[str, Any]) -> None:
     """Refuse data that QC left too small for a train/validation/test split, saying what QC removed."""
     smallest = min(fraction for fraction in fractions.values() if fraction > 0)
     needed = int(np.ceil(MIN_CELLS_PER_SPLIT / smallest))
     if n_cells < needed:
-        removed = ", ".join(f"{name} {count}" for name, count in qc["dropped_by"].items())
+        removed = ", ".join(f"{name} ({qc['limits'][name]}) {count}" for name, count in qc["dropped_by"].items())
         raise InputError(
             f"only {n_cells} of {qc['cells_in']} cells pass QC, too few for a train/validation/test split "
             f"({MIN_CELLS_PER_SPLIT} cells in each, so at least {needed}); cells failing each limit: {removed}. "
-            "Loosen prepare.min_genes / max_genes / max_mito_fraction for this data"
+            + QC_HINTS[qc["mode"]]
         )
 
 
@@ -234,6 +342,9 @@ def prepare(
             n_neighbors=int(settings["n_neighbors"]),
             resolution=float(settings["leiden_resolution"]),
             seed=seed,
+            min_markers=settings["annotation_min_markers"],
+            min_score=settings["annotation_min_score"],
+            min_margin=settings["annotation_min_margin"],
         )
     else:
         result.obs["cell_type"] = pd.Categorical(result.obs[label_key].astype(str))
@@ -293,10 +404,8 @@ def prepare_command(
     result.uns["scdgm_prepare"]["input"] = str(raw)
     path = write_h5ad_atomic(result, out)
     sizes = result.obs["cell_type"].value_counts()
-    qc = result.uns["scdgm_prepare"]["qc"]
     typer.echo(
         f"wrote {path}: {result.n_obs} cells x {result.n_vars} genes; "
         + ", ".join(f"{name} {count}" for name, count in sizes.items())
-        + f"; QC dropped {qc['cells_dropped']} of {qc['cells_in']} cells (failing "
-        + ", ".join(f"{name} {count}" for name, count in qc["dropped_by"].items()) + ")"
+        + "; " + describe_qc(result.uns["scdgm_prepare"]["qc"])
     )

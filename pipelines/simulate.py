@@ -182,10 +182,16 @@ def simulate_programs(
     return adata
 
 
+PROGRAMS_SHAPE = (2000, 2000)
+"""`scdgm data simulate --kind programs` without --n-cells/--n-genes."""
+BINARY_CELLS, BINARY_NOISE_GENES = 1000, 20
+"""The binary benchmark's shape (docs/loglinear.md): `simulate_binary`'s defaults and the CLI's."""
+
+
 def simulate_binary(
-    n_cells: int = 1000,
+    n_cells: int = BINARY_CELLS,
     n_signal_per_latent: int = 5,
-    n_noise: int = 20,
+    n_noise: int = BINARY_NOISE_GENES,
     seed: int = 0,
 ) -> ad.AnnData:
     """The binary benchmark of loglinear.md: 4 groups with 2-D latents N(+-2, 1); signal and noise genes.
@@ -239,8 +245,13 @@ def simulate_command(
     kind: Annotated[
         SimulationKind, typer.Option(help="programs: NB counts from gene programs; binary: 0/1 benchmark.")
     ] = SimulationKind.programs,
-    n_cells: Annotated[int, typer.Option(min=1, help="Number of cells.")] = 2000,
-    n_genes: Annotated[int, typer.Option(min=1, help="Number of genes (binary: signal + noise genes).")] = 2000,
+    n_cells: Annotated[
+        int | None, typer.Option(min=1, help="Number of cells [default: programs 2000, binary 1000].")
+    ] = None,
+    n_genes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Number of genes, binary: signal + noise [default: programs 2000, binary 30].")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same data.")] = 0,
     n_types: Annotated[int, typer.Option(min=1, help="programs: number of cell types.")] = 5,
     n_programs: Annotated[int, typer.Option(min=1, help="programs: number of gene programs (>= types).")] = 7,
@@ -253,12 +264,14 @@ def simulate_command(
     """Simulate counts with known ground truth and write them as .h5ad."""
     if kind is SimulationKind.programs:
         adata = simulate_programs(
-            n_cells, n_genes, n_types=n_types, n_programs=n_programs, genes_per_program=genes_per_program,
+            n_cells or PROGRAMS_SHAPE[0], n_genes or PROGRAMS_SHAPE[1], n_types=n_types, n_programs=n_programs, genes_per_program=genes_per_program,
             batch_effect=batch_effect, n_batches=n_batches, zero_inflation=zero_inflation, seed=seed,
         )
     else:
+        n_genes = n_genes or 2 * n_signal_per_latent + BINARY_NOISE_GENES
         n_noise = n_genes - 2 * n_signal_per_latent
         _require(n_noise >= 0, f"--n-genes {n_genes} is less than the {2 * n_signal_per_latent} signal genes")
-        adata = simulate_binary(n_cells, n_signal_per_latent=n_signal_per_latent, n_noise=n_noise, seed=seed)
+        adata = simulate_binary(n_cells or BINARY_CELLS, n_signal_per_latent=n_signal_per_latent, n_noise=n_noise,
+                                seed=seed)
     path = write_h5ad_atomic(adata, out)
     typer.echo(f"wrote {path}: {adata.n_obs} cells x {adata.n_vars} genes ({kind.value}, seed {seed})")

@@ -24,12 +24,9 @@ comparable); with fewer, no file is written and a one-line note goes to best.jso
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -57,6 +54,7 @@ from scdgm.models import model_class
 from scdgm.models.data import split_mask
 from scdgm.models.torch_model import TrainConfig
 from scdgm.pipelines import compare, tracking
+from scdgm.pipelines.cluster import ray_session
 from scdgm.pipelines.train import save_model_dir, train_model
 from scdgm.project import RAY_RESULTS, REPORTS, optuna_storage, project_path
 from scdgm.stores import normalize_database_url
@@ -314,55 +312,6 @@ class CloseTrialRuns(Callback):
 
 
 # --- Ray ----------------------------------------------------------------------------------------------
-RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
-@contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Join the Ray cluster at `address`, or start a private local Ray (own short temp dir, no dashboard);
-    reuse Ray when the caller already started it. Shuts down only what it started (its temp dir too), also
-    when a signal stops the sweep; a SIGTERM handler set before (the CLI's) stays in place, where ray.init
-    would put its own (exit at once, no clean-up)."""
-    for key, value in RAY_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        yield
-        return
-    options: dict[str, Any] = {
-        "runtime_env": {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
-        "logging_level": logging.WARNING,
-        "log_to_driver": False,
-    }
-    temp_dir = None
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        if address:
-            ray.init(address=address, **options)
-        else:
-            temp_dir = tempfile.mkdtemp(prefix="scdgm-ray-", dir="/tmp")  # unix socket paths must stay short
-            ray.init(
-                num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False, _temp_dir=temp_dir,
-                **options,
-            )
-        if sigterm not in (signal.SIG_DFL, signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, sigterm)
-        yield
-    finally:
-        ray.shutdown()
-        if temp_dir:
-            remove_folder(temp_dir)
-
-
-def remove_folder(path: str, seconds: float = 10.0) -> None:
-    """Remove folder `path`, trying again while Ray's exiting processes still write their last logs into it."""
-    deadline = time.monotonic() + seconds
-    while True:
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path) or time.monotonic() > deadline:
-            return
-        time.sleep(0.1)
-
-
 def check_resources(settings: SweepSettings) -> None:
     """Refuse a sweep whose trials could never start (Ray would keep them pending forever)."""
     available = ray.cluster_resources()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,7 +24,9 @@ from scdgm.formats import CHAMPION, METRICS_FILE, MODEL_FILES, is_model_director
 from scdgm.models import MODEL_KINDS, create_model, load_model, model_class
 from scdgm.models.base import EpochCallback, GenerativeModel
 from scdgm.models.data import split_mask
-from scdgm.pipelines import tracking
+from scdgm.models.torch_model import DataParallel
+from scdgm.pipelines import distributed, tracking
+from scdgm.pipelines.cluster import ray_session
 from scdgm.pipelines.config import apply_overrides, load_params
 from scdgm.pipelines.io import read_counts, write_h5ad_atomic
 
@@ -61,11 +64,19 @@ def model_params(kind: str, config: dict[str, Any], overrides: Sequence[str] | N
 
 
 def train_model(
-    kind: str, adata: ad.AnnData, params: dict[str, Any], callbacks: Sequence[EpochCallback] = ()
+    kind: str,
+    adata: ad.AnnData,
+    params: dict[str, Any],
+    callbacks: Sequence[EpochCallback] = (),
+    parallel: DataParallel | None = None,
 ) -> tuple[GenerativeModel, dict[str, float]]:
     """Fit a `kind` model with hyperparameters `params` on `adata` (obs['split'] train/validation, all cells
-    without it) and evaluate it on the test split (all cells when there is none); returns (model, metrics)."""
+    without it) and evaluate it on the test split (all cells when there is none); returns (model, metrics).
+    With `parallel` (a torch model only) its workers run the training loop, each on a shard of the cells."""
     model = create_model(kind, params)
+    if parallel is not None:
+        distributed.check_parallel_kind(kind)  # a TorchModel from here on
+        model.data_parallel = parallel
     history = model.fit(adata, callbacks)
     split = "test" if split_mask(adata, "test").any() else None
     if split is None and "split" in adata.obs:
@@ -117,6 +128,10 @@ def _load(model: Path) -> GenerativeModel:
     return load_model(str(model))
 
 
+TAG_WORKERS = "scdgm.workers"
+"""Tag of a training run trained data-parallel (`--workers N`): the number of workers."""
+TAG_NODES = "ray.node_ids"
+"""Tag of such a run: the Ray node id of each worker, by rank, comma-separated."""
 SWEEP_PARAMS = "best_params.yaml"
 """The file in a sweep's --out folder with each family's best hyperparameters, budget and the champion."""
 
@@ -150,8 +165,13 @@ def train_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a model already in --out (with everything in its folder).")
     ] = False,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Train one model data-parallel on this many Ray Train workers (gloo on CPUs, NCCL on GPUs), each on its shard of the training cells; batch_size stays the cells of one update over all workers.")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="With --workers: the Ray cluster to train on (HOST:PORT, or 'auto'); default: a private Ray on this machine.")] = None,
+    gpus_per_worker: Annotated[int, typer.Option("--gpus-per-worker", min=0, max=1, help="With --workers: 1 gives each worker a GPU of its own (NCCL); 0 trains on CPUs (gloo).")] = 0,
 ) -> None:
     """Train a model on prepared cells, evaluate it on the test split and save it with its metrics."""
+    if workers is None and (address is not None or gpus_per_worker):
+        raise InputError("--address and --gpus-per-worker go with --workers N (the number of data-parallel workers)")
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
     if sweep is not None:
@@ -162,15 +182,24 @@ def train_command(
         raise InputError("--model champion needs --sweep (the `scdgm tune` output folder whose champion to train)")
     config = load_params(params)
     hyperparameters = model_params(model, config, overrides)
+    parallel = None if workers is None else distributed.data_parallel(model, workers, address, gpus_per_worker)
     check_model_dir_target(out, overwrite)
     adata = read_counts(data)
     lineage = tracking.dataset_lineage(data, adata.n_obs, adata.n_vars)
-    with tracking.training_run(model, hyperparameters, lineage, tracking.experiment_name(config), out.name) as run:
-        fitted, metrics = train_model(model, adata, hyperparameters, callbacks=[run.epoch_callback])
-        save_model_dir(fitted, metrics, out, overwrite=overwrite)
-        run.finish(out, metrics)
+    tags = {} if workers is None else {TAG_WORKERS: str(workers)}
+    with ray_session(address) if parallel else nullcontext():
+        if parallel is not None:
+            parallel.check_resources()  # before the run opens: a request the cluster cannot place leaves no run
+        with tracking.training_run(model, hyperparameters, lineage, tracking.experiment_name(config), out.name,
+                                   tags=tags) as run:
+            fitted, metrics = train_model(model, adata, hyperparameters, [run.epoch_callback], parallel)
+            if parallel is not None:
+                run.client.set_tag(run.run_id, TAG_NODES, ",".join(parallel.nodes))
+            save_model_dir(fitted, metrics, out, overwrite=overwrite)
+            run.finish(out, metrics)
     shown = {k: metrics[k] for k in ("best_epoch", "training_seconds", "nll_elbo", "knn_accuracy") if k in metrics}
-    typer.echo(f"wrote {out}: {model} on {adata.n_obs} cells; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    placed = "" if parallel is None else f" by {workers} workers on {len(set(parallel.nodes))} node(s)"
+    typer.echo(f"wrote {out}: {model} on {adata.n_obs} cells{placed}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
 
 def embed_command(

@@ -123,7 +123,7 @@ def running(settings: ServeSettings, num_cpus: int | None = None) -> Iterator[No
     Serve's HTTP proxy on settings.host:port with `proxy_middlewares` and the application, every replica up;
     all stopped on exit.
 
-    Replica logs (the access log) reach this process's stderr, unlike pipelines.sweep.ray_session's quiet Ray.
+    Replica logs (the access log) reach this process's stderr, unlike pipelines.cluster.ray_session's quiet Ray.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -130,8 +130,10 @@ class EmbedResponse(BatchResponse):
 
 class DrivingGene(BaseModel):
     gene: str
-    score: float = Field(description="Signed contribution along the cell's dominant latent (loading × "
-                                     "standardised expression for linear models, integrated gradients otherwise).")
+    score: float = Field(description=(
+        "How far the gene, expressed above a typical cell, moves the cell away from the average cell in "
+        "standardised latent space (loading term for linear models, integrated gradients from the typical cell "
+        "otherwise), times the gene weight mean count / (1 + mean count)."))
 
 
 class CellExplanation(BaseModel):
@@ -147,10 +149,13 @@ class CellExplanation(BaseModel):
     label: str | None = Field(description="Label transferred from the matched pattern (null without labels).")
     label_support: float | None = Field(description="Share of the matched pattern's cells with that label.")
     label_assigned: bool | None = Field(description=(
-        "True when the reference has seen the cell's pattern; a transfer that abstains on unseen patterns leaves "
-        "the others unassigned (their coverage and accuracy: label_transfer.heldout in explanation.json)."))
+        "True when the explanation's abstention rule labels the cell: its pattern within explain.abstain_distance "
+        "(Hamming) of a seen one, seen in at least explain.abstain_min_cells reference cells (coverage and accuracy "
+        "of this rule on held-out cells: label_transfer.heldout in explanation.json)."))
+    assigned_label: str | None = Field(description="label when label_assigned, else 'unassigned'.")
     dominant_latent: int = Field(description="The latent on which the cell is furthest from the average cell.")
-    drivers: list[DrivingGene] = Field(description="Genes that drive the cell along its dominant latent.")
+    drivers: list[DrivingGene] = Field(description="Genes that drive the cell away from the average cell, "
+                                                   "largest score first.")
 
 
 class ExplainResponse(BatchResponse):

@@ -58,7 +58,8 @@ def test_files_and_report(explained):
     assert all(0 < step["pvalue"] <= 1 for step in document["selection"])
     transfer = document["label_transfer"]
     assert transfer["accuracy"] > 0.7 and set(transfer["per_class"]) == set(adata.obs["cell_type"].astype(str))
-    assert pd.read_csv(out / "confusion.csv", index_col=0).to_numpy().sum() == adata.n_obs
+    assert document["data"]["n_draws"] == 10 * adata.n_obs  # draws unset: 10,000 synthetic cells, at most 10 each
+    assert pd.read_csv(out / "confusion.csv", index_col=0).to_numpy().sum() == document["data"]["n_draws"]
     assert document["drivers"]["method"] == "loadings" and len(document["drivers"]["variance_explained"]) == 4
     assert document["prior"]["n_cells"] == 100 and len(document["prior"]["selection"]) == 6
     assert "cell_type" in {row["column"] for row in document["association"]}
@@ -137,6 +138,21 @@ def test_binary_benchmark_ranks_signal_genes_first(tmp_path):
     assert chosen_signal == [True] * 10 + [False] * 2
     assert all(step["pvalue"] < 0.01 for step in steps[:10])
     assert steps[10]["pvalue"] > 0.05
+
+
+def test_binary_benchmark_through_the_default_command_line_flow(tmp_path, monkeypatch):
+    """simulate --kind binary -> train --model vae -> explain, every option at its default and no split: all 10
+    signal genes come before any noise gene (with one draw per cell noise genes came in after 6-7 of them)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    main(["data", "simulate", "--kind", "binary", "--out", "binary.h5ad"])
+    main(["train", "--model", "vae", "--data", "binary.h5ad", "--out", "model", "--set", "progress=false"])
+    main(["explain", "--model", "model", "--data", "binary.h5ad", "--n-genes", "12", "--set", "explain.plots=false"])
+    report = json.loads((tmp_path / "model" / "explanation" / "explanation.json").read_text())
+    signal = simulate_binary().var["signal_latent"].to_numpy() >= 0
+    chosen_signal = [bool(signal[step["gene_index"]]) for step in report["selection"]]
+    assert chosen_signal == [True] * 10 + [False] * 2, [step["gene"] for step in report["selection"]]
+    assert report["data"]["n_draws"] == 10_000  # draws unset: 10 per cell
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The runtime Explainer on a VAE (integrated-gradient drivers): same answers as the explanation run, one cell
-fast, batches vectorised; and the programs quality check of the selection."""
+"""The runtime Explainer on a VAE (integrated-gradient drivers from the typical cell): same answers as the
+explanation run, drivers from the cell's own program, one cell fast, batches vectorised; and the programs quality
+check of the selection."""
 import json
 import time
 
@@ -51,6 +52,20 @@ def test_explainer_gives_the_labels_and_patterns_of_the_run(explained):
     json.dumps(result.records()[:3])
 
 
+def test_drivers_are_the_cells_own_program_genes(explained):
+    """Each cell's drivers (genes above the typical cell that move it away from the average cell, times their
+    weight) are mostly planted genes of the program its type owns (type t owns program t). Measured: 0.79 of all
+    drivers (the former drivers, zero baseline along the dominant latent ranked by |score|: 0.69)."""
+    adata, directory, _ = explained
+    result = Explainer.load(directory).explain(adata.X)
+    position = {gene: i for i, gene in enumerate(adata.var_names)}
+    drivers = np.array([[position[gene] for gene in genes] for genes in result.driver_genes])
+    program = adata.var["program"].to_numpy()[drivers]
+    own = adata.obs["cell_type"].astype(str).str.removeprefix("type_").astype(int).to_numpy()[:, None]
+    assert (program == own).mean() >= 0.7
+    assert (np.diff(result.driver_scores, axis=1) <= 0).all() and (result.driver_scores[:, 0] > 0).all()
+
+
 def test_one_cell_is_fast_and_a_batch_agrees_with_single_cells(explained):
     adata, directory, _ = explained
     explainer = Explainer.load(directory)
@@ -74,6 +89,11 @@ def test_clear_errors(explained, tmp_path):
     bare = models.load_model(str(directory)).save(tmp_path / "bare")
     with pytest.raises(ScdgmError, match="no explanation"):
         Explainer.load(bare)
+    reference = json.loads((directory / "explanation" / "reference.json").read_text())
+    with pytest.raises(ScdgmError, match="run `scdgm explain` again"):
+        Explainer(models.load_model(str(directory)), {**reference, "version": 1})
+    with pytest.raises(ScdgmError, match="drivers.profile has 3 values"):
+        Explainer(models.load_model(str(directory)), {**reference, "drivers": {**reference["drivers"], "profile": [1, 2, 3]}})
     explainer = Explainer.load(directory)
     with pytest.raises(InputError, match="gene order"):
         explainer.explain(np.ones((2, 5)))

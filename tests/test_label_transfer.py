@@ -1,10 +1,11 @@
-"""Label transfer by patterns: majority label, unseen patterns by Hamming distance and frequency, accuracy."""
+"""Label transfer by patterns: majority label, unseen patterns by Hamming distance and frequency, abstention,
+accuracy."""
 import json
 
 import numpy as np
 import pytest
 
-from scdgm.errors import InputError
+from scdgm.errors import InputError, ScdgmError
 from scdgm.interpret.discretize import fit_discretizer
 from scdgm.interpret.label_transfer import LabelReference, build_reference, transfer_accuracy
 
@@ -35,11 +36,31 @@ def test_unseen_pattern_goes_to_nearest_then_most_frequent():
     reference, _ = make_reference()
     row = reference.transfer_one([0, 1])  # Hamming 1 from both 11 (6 cells) and 00 (3 cells): 11 wins
     assert row == {"label": "B", "pattern": "01", "matched_pattern": "11", "distance": 1, "frequency": 6,
-                   "support": pytest.approx(5 / 6)}
+                   "support": pytest.approx(5 / 6), "assigned": False, "assigned_label": "unassigned"}
     wide = LabelReference([0, 1, 2], np.zeros(3), ["000", "111", "011"], ["a", "b"],
                           np.array([[1, 0], [0, 4], [3, 0]]))
     assert wide.transfer_one([1, 1, 0])["matched_pattern"] == "111"  # distance 1 beats 011 at distance 2
     assert wide.transfer_one([0, 0, 1])["matched_pattern"] == "011"  # 000 and 011 both at 1: 011 is more frequent
+
+
+def test_abstention_by_hamming_radius_and_pattern_support():
+    reference, _ = make_reference()
+    bits = np.array([[1, 1], [1, 0], [0, 0], [0, 1]])  # the last pattern was never seen
+    default = reference.transfer(bits)  # abstains on unseen patterns only
+    assert default["assigned"].tolist() == [True, True, True, False]
+    assert default["assigned_label"].tolist() == ["B", "B", "T", "unassigned"]
+    assert default["label"].tolist() == ["B", "B", "T", "B"]  # every cell still gets the nearest pattern's label
+    table = reference.to_dict()
+    radius = LabelReference.from_dict(table | {"max_distance": 1}).transfer(bits)
+    assert radius["assigned"].all()
+    support = LabelReference.from_dict(table | {"max_distance": None, "min_cells": 4}).transfer(bits)
+    assert support["assigned"].tolist() == [True, True, False, True]  # 00 was seen in 3 cells, 01 matches 11 (6)
+    version_1 = {k: v for k, v in table.items() if k not in ("max_distance", "min_cells")} | {"version": 1}
+    assert LabelReference.from_dict(version_1).transfer(bits)["assigned"].tolist() == [True, True, True, False]
+    with pytest.raises(ScdgmError, match="abstain_distance"):
+        LabelReference.from_dict(table | {"max_distance": -1})
+    with pytest.raises(ScdgmError, match="abstain_min_cells"):
+        LabelReference.from_dict(table | {"min_cells": 0})
 
 
 def test_reference_round_trips_through_json_and_cuts_real_counts():

@@ -1,5 +1,6 @@
 """Count likelihoods against scipy.stats (float64, 1e-6), the fused NB against the plain one (values and
-gradients), sampler moments, dispersion per gene-batch, the library-size prior and the Gaussian KL."""
+gradients, whole and other counts, counts beyond the table's cap), sampler moments, dispersion per gene-batch,
+the library-size prior and the Gaussian KL."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,7 @@ from scipy import stats
 
 from scdgm.errors import ScdgmError
 from scdgm.models.likelihoods import (
-    TABLE_COUNTS,
+    TABLE_SLOTS,
     CountLikelihood,
     LibraryPrior,
     gaussian_kl,
@@ -58,17 +59,37 @@ def test_poisson_matches_scipy():
     np.testing.assert_allclose(got, stats.poisson.logpmf(X, MU), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("integer", [True, False])
-def test_fused_nb_equals_plain_nb_per_cell(integer):
+@pytest.mark.parametrize(("integer", "whole"), [(True, True), (True, None), (True, False), (False, None), (False, False)])
+def test_fused_nb_equals_plain_nb_per_cell(integer, whole):
+    """Whole counts read per-gene tables (told so, or found so when `whole` is None), others use lgamma; a
+    count far above the rest (500) widens only its gene's table."""
     generator = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(6, 40, generator=generator, dtype=torch.float64) * 20)
-    x[0, :3] = torch.tensor([TABLE_COUNTS, TABLE_COUNTS + 1, 500.0], dtype=torch.float64)  # table edge and beyond
+    x[0, :3] = torch.tensor([0.0, 1.0, 500.0], dtype=torch.float64)
     if not integer:
         x = x + 0.25
     log_mu = torch.randn(6, 40, generator=generator, dtype=torch.float64) * 2
     log_theta = torch.randn(1, 40, generator=generator, dtype=torch.float64)
     expected = log_nb(x, log_mu, log_theta).sum(-1)
-    torch.testing.assert_close(nb_log_prob(x, log_mu, log_theta), expected, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(nb_log_prob(x, log_mu, log_theta, whole=whole), expected, rtol=1e-10, atol=1e-9)
+
+
+def test_fused_nb_beyond_the_table_cap_values_and_gradients():
+    """Counts whose tables would pass TABLE_SLOTS are capped; those above the cap are exact one by one, with
+    the same values and gradients as autograd through the plain NB."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.poisson(torch.rand(5, 8, generator=generator, dtype=torch.float64) * 30)
+    x[1, 3], x[4, 6] = TABLE_SLOTS, TABLE_SLOTS // 2  # together more slots than the table holds
+    log_mu = torch.randn(5, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    log_theta = torch.randn(1, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    fused = nb_log_prob(x, log_mu, log_theta, whole=True)
+    plain = log_nb(x, log_mu, log_theta).sum(-1)
+    torch.testing.assert_close(fused, plain, rtol=1e-9, atol=1e-8)
+    weights = torch.randn(5, generator=generator, dtype=torch.float64)
+    fused_grads = torch.autograd.grad((fused * weights).sum(), (log_mu, log_theta))
+    plain_grads = torch.autograd.grad((plain * weights).sum(), (log_mu, log_theta))
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7)
 
 
 def test_fused_nb_gradients_with_and_without_groups():

@@ -79,6 +79,77 @@ def test_torch_backend_matches_numpy(empty_cell):
     np.testing.assert_allclose(problem.g2((0, 3)), expected, rtol=1e-10, atol=1e-10)
 
 
+def permuted_reference(x: np.ndarray, h: np.ndarray, selected: tuple[int, ...], permutation: np.ndarray,
+                       model: str, empty_cell: float) -> np.ndarray:
+    """GLM fits of every table with the rows of (h, x_S) permuted against the candidate genes."""
+    moved = x.copy()
+    moved[:, list(selected)] = x[permutation][:, list(selected)]
+    return reference_g2_matrix(moved, h[permutation], selected, model, empty_cell, method="glm")
+
+
+ENGINE_PATHS = {
+    "dense one-hot product": {"DENSE_STRATA": 1 << 20},
+    "gathered rows, tabled strata": {},
+    "gathered rows, k log k look-ups": {"TABLE_ELEMENTS": 0},
+}
+
+
+@pytest.mark.parametrize("path", ENGINE_PATHS)
+@pytest.mark.parametrize("model", ["conditional", "joint"])
+@pytest.mark.parametrize("empty_cell", [0.0, 0.5])
+def test_permuted_g2_equals_glm_fits_of_the_permuted_tables(monkeypatch, path, model, empty_cell):
+    """Every code path of the CPU engine, on strata of one sample and strata where a latent is constant (which it
+    skips with e = 0), against the reference fits of the permuted tables."""
+    for name, value in ENGINE_PATHS[path].items():
+        monkeypatch.setattr(loglinear, name, value)
+    x, h = random_problem(60, seed=13)
+    selected = (0, 1, 2, 4)
+    problem = LogLinearProblem(x, h, model, empty_cell)
+    strata = problem._strata(selected)
+    sizes, ones = strata.sizes[:, 0, 0], strata.latent_counts[:, :, 0]
+    assert (sizes == 1).any() and ((sizes > 1)[:, None] & ((ones == 0) | (ones == sizes[:, None]))).any()
+    permutations = np.stack([np.random.default_rng(k).permutation(60) for k in range(3)])
+    values = problem._g2_batch(strata, permutations)
+    assert (problem._backend._plan.table.size > 0) == (path == "gathered rows, tabled strata" and empty_cell == 0)
+    for permutation, matrix in zip(permutations, values, strict=True):
+        expected = permuted_reference(x, h, selected, permutation, model, empty_cell)
+        assert np.array_equal(np.isnan(matrix), np.isnan(expected))
+        np.testing.assert_allclose(matrix, expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(problem.null_max(selected, permutations),
+                                  np.nanmax(values.reshape(3, -1), axis=1))
+
+
+@pytest.mark.parametrize("model", ["conditional", "joint"])
+@pytest.mark.parametrize("empty_cell", [0.0, 0.5])
+def test_permutation_engine_equals_the_one_hot_formulation(monkeypatch, model, empty_cell):
+    """The CPU engine against the one-hot product of every stratum × latent that the torch backend keeps (run on
+    torch's CPU device): the same G² for every permutation to float rounding, at every step, whatever the batch,
+    in candidate chunks and from sparse X."""
+    x, h = random_problem(150, seed=13)
+    permutations = np.stack([np.random.default_rng(k).permutation(150) for k in range(12)])
+
+    def both(data):
+        fast, one_hot = LogLinearProblem(data, h, model, empty_cell), LogLinearProblem(data, h, model, empty_cell)
+        one_hot._backend = loglinear._TorchCounts(one_hot.x, "cpu")
+        return fast, one_hot
+
+    fast, one_hot = both(x)
+    for selected in [(), (2,), (2, 0), (2, 0, 4), (2, 0, 4, 1)]:
+        expected = one_hot._g2_batch(one_hot._strata(selected), permutations)
+        values = fast._g2_batch(fast._strata(selected), permutations)
+        np.testing.assert_allclose(values, expected, rtol=1e-10, atol=1e-9)
+        in_parts = np.concatenate([fast._g2_batch(fast._strata(selected), part)
+                                   for part in np.array_split(permutations, [1, 6])])
+        np.testing.assert_array_equal(in_parts, values)  # bit-stable: a permutation's G² ignores its batch
+    monkeypatch.setattr(loglinear, "DENSE_LIMIT_BYTES", 0)  # X stays sparse
+    monkeypatch.setattr(loglinear, "WORK_ELEMENTS", 512)  # candidates in chunks, no tables
+    fast, one_hot = both(sp.csr_matrix(x))
+    assert sp.issparse(fast.x)
+    for selected in [(), (2, 0, 4, 1)]:
+        np.testing.assert_allclose(fast._g2_batch(fast._strata(selected), permutations),
+                                   one_hot._g2_batch(one_hot._strata(selected), permutations), rtol=1e-10, atol=1e-9)
+
+
 def test_null_max_of_the_identity_permutation_is_the_observed_maximum():
     x, h = random_problem(90, seed=7)
     problem = LogLinearProblem(x, h)

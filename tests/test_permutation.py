@@ -6,6 +6,7 @@ import tempfile
 import numpy as np
 import pytest
 
+import scdgm.interpret.loglinear as loglinear
 from scdgm.errors import ScdgmError
 from scdgm.interpret.loglinear import LogLinearProblem, selection_stability, step_test, stepwise_select
 from scdgm.interpret.permutation import permutation_test
@@ -56,8 +57,24 @@ def test_pvalue_does_not_depend_on_batching_or_workers(design):
     runs.append(permutation_test(lambda p: problem.null_max((1,), p), runs[0].observed, 1500, 40, batch_size=7,
                                  seed=3, n_jobs=2))
     for run in runs[1:]:
-        np.testing.assert_allclose(run.null, runs[0].null, rtol=1e-12)
+        np.testing.assert_array_equal(run.null, runs[0].null)  # bit-stable
         assert run.pvalue == runs[0].pvalue
+
+
+def test_pvalues_equal_the_one_hot_formulation(design):
+    """The CPU engine's null maxima equal, to float rounding, those of the one-hot product over all strata × latents
+    (the torch backend, on torch's CPU device), and so do the p-values: at the first step, at a late step of many
+    small strata, and at the first noise step, where p is not at its floor."""
+    x, h = design
+    fast = LogLinearProblem(x[:3000], h[:3000])
+    one_hot = LogLinearProblem(x[:3000], h[:3000])
+    one_hot._backend = loglinear._TorchCounts(one_hot.x, "cpu")
+    for selected in ([], [0, 5, 1, 6, 2, 7], list(range(10))):
+        run, reference = step_test(fast, selected, 60, seed=2), step_test(one_hot, selected, 60, seed=2)
+        np.testing.assert_allclose(run.null, reference.null, rtol=1e-10)
+        assert run.observed == pytest.approx(reference.observed, rel=1e-12)
+        assert run.pvalue == reference.pvalue
+    assert 0.05 < run.pvalue < 1 and fast.n_strata(selected) > 200
 
 
 def test_null_is_the_maximum_over_candidates_and_latents():

@@ -1,4 +1,5 @@
-"""`scdgm prepare`: QC limits and their errors, HVG selection keeping planted programs, seeded stratified split."""
+"""`scdgm prepare`: QC (MAD outliers by default, fixed limits on request) and its errors, HVG selection keeping
+planted programs, seeded stratified split."""
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -8,10 +9,10 @@ import yaml
 
 from scdgm.errors import InputError, ScdgmError
 from scdgm.pipelines.cli import main
-from scdgm.pipelines.prepare import SPLITS, prepare, split_cells
+from scdgm.pipelines.prepare import DEFAULTS, SPLITS, prepare, split_cells
 from scdgm.pipelines.simulate import simulate_binary, simulate_programs
 
-LOOSE_QC = {"min_genes": 10, "max_genes": None, "min_cells": 3}
+LOOSE_QC = {"qc": "fixed", "min_genes": 10, "max_genes": None, "min_cells": 3}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_qc_reports_drops_per_limit_and_class_and_warns_when_a_class_loses_a_fif
     counts[:40, 20:] = 0  # 40 of the 100 'myeloid' cells detect too few genes for min_genes
     data = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=[f"G{i}" for i in range(60)]))
     data.obs["label"] = np.repeat(["myeloid", "lymphoid"], 100)
-    result = prepare(data, {"min_genes": 30, "max_genes": None, "min_cells": 3, "n_top_genes": 40}, label_key="label")
+    result = prepare(data, {**LOOSE_QC, "min_genes": 30, "n_top_genes": 40}, label_key="label")
     qc = result.uns["scdgm_prepare"]["qc"]
     assert qc["cells_in"] == 200 and qc["cells_dropped"] == 40 and qc["dropped_by"]["min_genes"] == 40
     assert qc["dropped_per_class"] == {"lymphoid": 0, "myeloid": 40}
@@ -105,7 +106,7 @@ def test_too_few_cells_after_qc_for_a_split_is_a_clear_error():
     data = simulate_programs(300, 200, seed=0)
     genes = int(np.sort(np.diff(data.X.tocsr().indptr))[-5])  # about five cells detect this many genes
     with pytest.raises(InputError, match=r"only \d of 300 cells pass QC, too few .* at least 20\); cells failing each "
-                                         r"limit: min_genes 29\d"):
+                                         r"limit: min_genes \(n_genes < \d+\) 29\d"):
         prepare(data, {**LOOSE_QC, "min_genes": genes, "n_top_genes": 40}, label_key="cell_type")
 
 
@@ -118,18 +119,130 @@ def test_mitochondrial_and_gene_count_limits():
     names = ["MT-CO1", "mt-Nd1"] + [f"G{i}" for i in range(38)]
     data = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=names))
     data.obs["label"] = "x"
-    params = {"min_genes": 10, "max_genes": 39, "max_mito_fraction": 0.2, "n_top_genes": 40}
+    params = {"qc": "fixed", "min_genes": 10, "max_genes": 39, "max_mito_fraction": 0.2, "n_top_genes": 40}
     result = prepare(data, params, label_key="label")
     assert result.n_obs == 45
     assert result.obs["mito_fraction"].max() <= 0.2
     assert result.obs["n_genes"].between(10, 39).all()
 
 
+def with_mito_genes(data: ad.AnnData, fractions: np.ndarray, seed: int, n_mito: int = 5) -> ad.AnnData:
+    """`data` with `n_mito` MT- genes appended, holding about `fractions` of each cell's counts (Poisson)."""
+    rng = np.random.default_rng(seed)
+    total = np.asarray(data.X.sum(axis=1)).ravel()
+    mito = rng.poisson((total * fractions / (1 - fractions) / n_mito)[:, None], (data.n_obs, n_mito))
+    genes = pd.DataFrame(index=[*map(str, data.var_names), *(f"MT-{i}" for i in range(n_mito))])
+    return ad.AnnData(sp.hstack([data.X, sp.csr_matrix(mito, dtype=np.float32)]).tocsr(), obs=data.obs.copy(), var=genes)
+
+
+def test_mad_qc_keeps_a_small_simulation_the_fixed_limits_empty():
+    """Cells detecting ~130 genes are normal here: the MAD default keeps nearly all; min_genes 200 keeps 4 of 1500."""
+    data = simulate_programs(1500, 300, seed=0)
+    with pytest.raises(InputError, match=r"only 4 of 1500 cells pass QC.*n_genes < 200\) 1496"):
+        prepare(data, {"qc": "fixed", "n_top_genes": 100}, label_key="cell_type")
+    result = prepare(data, {"n_top_genes": 100}, label_key="cell_type")
+    qc = result.uns["scdgm_prepare"]["qc"]
+    assert qc["mode"] == "mad" and result.n_obs >= 1480
+    assert qc["skipped"] == {"mito_fraction": "no MT- genes"}
+    assert set(qc["thresholds"]) == {"total_counts_low", "total_counts_high", "n_genes_low", "n_genes_high"}
+    genes = np.diff(data.X.tocsr().indptr)
+    low, high = qc["thresholds"]["n_genes_low"], qc["thresholds"]["n_genes_high"]
+    assert qc["dropped_by"]["n_genes_low"] == (genes < low).sum() and qc["dropped_by"]["n_genes_high"] == (genes > high).sum()
+    assert low < np.median(genes) < high
+
+
+def test_mad_qc_cuts_outliers_but_not_a_cell_type_with_more_mitochondrial_reads(caplog):
+    """type_2 has 3x the MT- share of the others (6% vs 2%): fixed max 5% cuts it, the log-scale MADs do not;
+    cells with 60% MT- reads or 10x the library are dropped by the limit meant for them."""
+    rng = np.random.default_rng(3)
+    data = simulate_programs(900, 300, n_types=3, n_programs=3, seed=2)
+    dying, huge = np.arange(0, 900, 150), np.arange(1, 900, 150)
+    data.X = sp.csr_matrix(data.X.multiply(np.where(np.isin(np.arange(900), huge), 10, 1)[:, None]), dtype=np.float32)
+    third = (data.obs["cell_type"] == "type_2").to_numpy()
+    fractions = np.exp(rng.normal(np.log(np.where(third, 0.06, 0.02)), 0.3))
+    fractions[dying] = 0.6
+    data = with_mito_genes(data, fractions, seed=4)
+    result = prepare(data, {"n_top_genes": 100}, label_key="cell_type")
+    qc = result.uns["scdgm_prepare"]["qc"]
+    assert not set(map(str, data.obs_names[np.r_[dying, huge]])) & set(result.obs_names)
+    assert qc["dropped_by"]["mito_fraction_high"] >= dying.size and qc["dropped_by"]["total_counts_high"] >= huge.size
+    assert 0.06 < qc["thresholds"]["mito_fraction_high"] < 0.6 and qc["skipped"] == {}
+    assert qc["cells_dropped"] <= 1.02 * (dying.size + huge.size) + 10
+    assert qc["dropped_per_class"]["type_2"] <= 0.05 * third.sum() and "QC drops" not in caplog.text
+    fixed = prepare(data, {"qc": "fixed", "min_genes": 10, "n_top_genes": 100}, label_key="cell_type")
+    assert fixed.uns["scdgm_prepare"]["qc"]["dropped_per_class"]["type_2"] > 0.5 * third.sum()
+    assert "'type_2' cells" in caplog.text
+    ceiling = prepare(data, {"mito_ceiling": 0.04, "n_top_genes": 100}, label_key="cell_type")
+    qc = ceiling.uns["scdgm_prepare"]["qc"]
+    assert qc["thresholds"]["mito_ceiling"] == 0.04 and ceiling.obs["mito_fraction"].max() <= 0.04
+
+
+def test_a_metric_without_spread_is_not_filtered():
+    """MAD 0 (most cells share a value) gives no outlier limit: nothing is flagged by it, and the report says so."""
+    counts = np.zeros((100, 40), dtype=np.float32)
+    counts[:, :20] = 1  # 2 MT- genes and 18 others per cell: identical metrics...
+    counts[90:, 2:20] = 0  # ...but for 10 cells with only the 2 MT- genes (MADs stay 0: 90 cells share the median)
+    counts[90:, 20:30] = 5
+    data = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=["MT-CO1", "MT-ND1", *(f"G{i}" for i in range(38))]))
+    data.obs["label"] = "x"
+    result = prepare(data, {"n_top_genes": 30}, label_key="label")
+    qc = result.uns["scdgm_prepare"]["qc"]
+    assert result.n_obs == 100 and qc["cells_dropped"] == 0 and qc["thresholds"] == {}
+    assert set(qc["skipped"]) == {"total_counts", "n_genes", "mito_fraction"}
+    assert all(why.startswith("MAD is 0") for why in qc["skipped"].values())
+
+
+def test_fixed_qc_applies_exactly_the_packaged_fixed_limits():
+    """qc: fixed keeps min_genes <= genes detected <= max_genes and MT- fraction <= max_mito_fraction (200, 2500, 5%)."""
+    rng = np.random.default_rng(7)
+    n_cells, n_genes = 120, 3000
+    detected = rng.integers(150, 2700, n_cells)
+    counts = sp.lil_matrix((n_cells, n_genes), dtype=np.float32)
+    for cell, k in enumerate(detected):
+        counts[cell, rng.choice(np.arange(2, n_genes), k, replace=False)] = rng.integers(1, 4, k)
+    mito = rng.integers(0, 12, n_cells) * detected * 2 / 100  # about 0-11% of a cell's counts
+    counts[:, 0] = np.ceil(mito)[:, None]
+    counts[:, 1] = np.floor(mito)[:, None]
+    data = ad.AnnData(counts.tocsr(), var=pd.DataFrame(index=["MT-CO1", "MT-ND1", *(f"G{i}" for i in range(n_genes - 2))]))
+    data.obs["label"] = "x"
+    csr = data.X.tocsr()
+    genes = np.diff(csr.indptr)
+    fraction = np.asarray(csr[:, :2].sum(axis=1)).ravel() / np.asarray(csr.sum(axis=1)).ravel()
+    expected = (genes >= 200) & (genes <= 2500) & (fraction <= 0.05)
+    assert 20 < expected.sum() < 100
+    result = prepare(data, {"qc": "fixed", "n_top_genes": 50}, label_key="label")
+    qc = result.uns["scdgm_prepare"]["qc"]
+    assert list(result.obs_names) == list(data.obs_names[expected])
+    assert qc["thresholds"] == {"min_genes": 200, "max_genes": 2500, "max_mito_fraction": 0.05}
+    assert {k: DEFAULTS[k] for k in qc["thresholds"]} == qc["thresholds"]
+    assert qc["dropped_by"] == {"min_genes": (genes < 200).sum(), "max_genes": (genes > 2500).sum(),
+                                "max_mito_fraction": (fraction > 0.05).sum()}
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("prepare.qc=median", "prepare.qc must be one of mad, fixed, got 'median'"),
+        ("prepare.nmads=-1", "prepare.nmads must be a positive number, got -1"),
+        ("prepare.mito_nmads=0", "prepare.mito_nmads must be a positive number, got 0"),
+        ("prepare.mito_ceiling=8", "prepare.mito_ceiling must be in [0, 1] or null, got 8"),
+    ],
+)
+def test_bad_qc_settings_exit_2_with_one_line(setting, named, tmp_path, capsys):
+    raw, out = tmp_path / "raw.h5ad", tmp_path / "prepared.h5ad"
+    simulate_programs(120, 30, n_types=2, n_programs=2, genes_per_program=5, seed=1).write_h5ad(raw)
+    with pytest.raises(SystemExit) as failure:
+        main(["prepare", "--input", str(raw), "--out", str(out), "--label-key", "cell_type", "--set", setting])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert failure.value.code == 2 and len(lines) == 1 and named in lines[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"min_genes": 10_000}, r"no cells left after QC.*min_genes=10000"),
-        ({"max_mito_fraction": 0.0, "min_genes": 10_000}, r"no cells left after QC.*max_mito_fraction=0.0"),
+        ({"min_genes": 10_000}, r"no cells left after QC.*qc=fixed limits \(a cell fails one when n_genes < 10000\)"),
+        ({"qc": "mad", "nmads": 1e-9}, r"no cells left after QC.*qc=mad limits .*total_counts < \d+.*Raise prepare.nmads"),
         ({"min_cells": 10_000}, r"no genes left after QC.*min_cells=10000"),
     ],
 )
@@ -150,6 +263,10 @@ def test_qc_errors_name_the_threshold(simulated, params, message):
         ({"min_genes": -1}, "min_genes must be an integer >= 0"),
         ({"max_genes": 0}, "max_genes must be an integer >= 1 or null"),
         ({"max_mito_fraction": -1.0}, r"max_mito_fraction must be in \[0, 1\]"),
+        ({"mito_ceiling": 1.5}, r"mito_ceiling must be in \[0, 1\] or null, got 1.5"),
+        ({"qc": "median"}, "prepare.qc must be one of mad, fixed, got 'median'"),
+        ({"nmads": 0}, "prepare.nmads must be a positive number, got 0"),
+        ({"mito_nmads": "3"}, "prepare.mito_nmads must be a positive number, got '3'"),
         ({"n_neighbors": 1}, "n_neighbors must be an integer >= 2"),
         ({"leiden_resolution": 0}, "leiden_resolution must be a positive number"),
         ({"label_key": 5}, "label_key must be an obs column name"),

@@ -195,7 +195,8 @@ def test_explain_matches_the_explainer(client: httpx.Client, model_dir: Path, te
     for record in body["explanations"]:
         assert len(record["pattern"]) == len(record["matched_pattern"]) == len(expected.genes)
         assert 0 < record["label_support"] <= 1 and record["pattern_frequency"] >= 1
-        assert record["label_assigned"] == (record["pattern_distance"] == 0)
+        assert record["label_assigned"] == (record["pattern_distance"] == 0)  # the default abstention rule
+        assert record["assigned_label"] == (record["label"] if record["label_assigned"] else "unassigned")
         assert len(record["drivers"]) == 10 and 0 <= record["dominant_latent"] < 4
         assert len(record["latent_mean"]) == len(record["latent_var"]) == 4
 

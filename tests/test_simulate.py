@@ -119,6 +119,9 @@ def test_cli_writes_h5ad(tmp_path):
     assert written.shape == (40, 16)
     assert list(written.var["signal_latent"]).count(-1) == 6
     assert same_data(written, simulate_binary(40, n_noise=6, seed=2))
+    main(["data", "simulate", "--kind", "binary", "--out", str(out)])  # the benchmark of docs/loglinear.md
+    assert same_data(ad.read_h5ad(out), simulate_binary())
+    assert ad.read_h5ad(out).shape == (1000, 30)
     out = tmp_path / "programs.h5ad"
     main(["data", "simulate", "--n-cells", "50", "--n-genes", "300", "--n-programs", "6", "--out", str(out)])
     assert ad.read_h5ad(out).var["program"].max() == 5
