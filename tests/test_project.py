@@ -121,7 +121,7 @@ def test_init_writes_a_starter_project_and_refuses_to_overwrite(tmp_path, monkey
     assert params["data"] == {"dataset": "my-cells", "raw": str(tmp_path / "my cells.h5ad"),
                               "prepared": "data/prepared/my-cells.h5ad"}
     assert params["register"]["name"] == "my-cells" and params["register"]["model_dir"] == "artifacts/my-cells-champion"
-    assert "# genes detected per cell" in (project / "params.yaml").read_text()  # the commented defaults
+    assert "# fixed: genes detected per cell" in (project / "params.yaml").read_text()  # the commented defaults
     mlproject = yaml.safe_load((project / "MLproject").read_text())
     assert mlproject["entry_points"]["prepare"]["parameters"]["input"]["default"] == str(tmp_path / "my cells.h5ad")
     entries = mlproject["entry_points"]  # one-step entry points take a family; the tune entry sweeps them all
