@@ -1,9 +1,12 @@
 """Beyond one machine, in miniature: a two-node Ray cluster runs the trials (some on each node), every trial
 logs to one MLflow tracking server backed by PostgreSQL, and the Optuna study lives in PostgreSQL."""
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -11,7 +14,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from ray_helpers import free_port, two_node_cluster
 from tracking_helpers import (
     POSTGRES,
     require_postgres,
@@ -26,6 +28,12 @@ from scdgm.pipelines.sweep import run_sweep
 from scdgm.pipelines.tune import settings_from_params
 
 pytestmark = pytest.mark.postgres
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_unreachable_postgres_fails_under_ci_and_is_skipped_elsewhere(monkeypatch):
     monkeypatch.setitem(POSTGRES, "port", free_port())  # nothing listens there
     monkeypatch.setenv("CI", "true")
@@ -81,8 +89,21 @@ def tracking_server(databases, tmp_path):
 @pytest.fixture
 def cluster(monkeypatch):
     """A local two-node Ray cluster (head and one worker, one CPU each) in its own short temp dir."""
-    with two_node_cluster(monkeypatch) as nodes:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)  # also where Ray notes the "current cluster" address
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": False})
+    try:
+        nodes.add_node(num_cpus=1, temp_dir=temp_dir)
+        nodes.wait_for_nodes()
         yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_sweep_on_a_two_node_cluster_with_a_tracking_server_and_postgres(databases, tracking_server, cluster, tmp_path, monkeypatch):
