@@ -586,8 +586,6 @@ def heldout_label_transfer(
     majority = pd.Series(train_labels).value_counts().index[0]
     every = transfer_accuracy(transferred["label"], truth)
     covered = transfer_accuracy(transferred["label"][seen], truth[seen]) if seen.any() else None
-    rule = ("never" if settings.abstain_distance is None else
-            f"patterns further than Hamming distance {settings.abstain_distance} from every seen pattern")
     return {
         "scope": HELDOUT_SCOPE,
         "n_train_cells": int(train.n_obs),
@@ -601,7 +599,7 @@ def heldout_label_transfer(
         "covered_accuracy": covered.overall if covered is not None else float("nan"),
         "per_class_covered_accuracy": covered.per_class.to_dict() if covered is not None else {},
         "majority_baseline": float((test_labels == majority).mean()),
-        "abstains_on": f"{rule}, or seen in fewer than {settings.abstain_min_cells} training cells",
+        "abstains_on": reference.abstains_on,
     }
 
 

@@ -63,6 +63,16 @@ class LabelReference:
             for row in self.counts])
 
     @property
+    def abstains_on(self) -> str:
+        """The abstention rule in words (reports and the CLI quote it)."""
+        rules = [] if self.max_distance is None else [
+            "patterns not seen" if self.max_distance == 0
+            else f"patterns further than Hamming distance {self.max_distance} from every seen one"]
+        if self.min_cells > 1:
+            rules.append(f"patterns seen in fewer than {self.min_cells} reference cells")
+        return " or ".join(rules) or "nothing (every cell is labelled)"
+
+    @property
     def frequencies(self) -> np.ndarray:
         """Number of real cells with each seen pattern."""
         return self.counts.sum(axis=1)

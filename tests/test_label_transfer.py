@@ -53,8 +53,12 @@ def test_abstention_by_hamming_radius_and_pattern_support():
     table = reference.to_dict()
     radius = LabelReference.from_dict(table | {"max_distance": 1}).transfer(bits)
     assert radius["assigned"].all()
+    assert reference.abstains_on == "patterns not seen"
+    assert LabelReference.from_dict(table | {"max_distance": None}).abstains_on == "nothing (every cell is labelled)"
     support = LabelReference.from_dict(table | {"max_distance": None, "min_cells": 4}).transfer(bits)
     assert support["assigned"].tolist() == [True, True, False, True]  # 00 was seen in 3 cells, 01 matches 11 (6)
+    assert LabelReference.from_dict(table | {"max_distance": None, "min_cells": 4}).abstains_on == (
+        "patterns seen in fewer than 4 reference cells")
     version_1 = {k: v for k, v in table.items() if k not in ("max_distance", "min_cells")} | {"version": 1}
     assert LabelReference.from_dict(version_1).transfer(bits)["assigned"].tolist() == [True, True, True, False]
     with pytest.raises(ScdgmError, match="abstain_distance"):
