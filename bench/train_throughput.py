@@ -6,7 +6,8 @@ time per epoch and peak RSS at 1k, 10k and 100k cells (each size in its own proc
 embedding cells/s; and, when a GPU is present, training cells/s on CUDA at batch 128 and 1024.
 
 With `--baseline DIR` (a folder holding the `models` package of other code, e.g. the last commit's:
-`mkdir -p /tmp/base && git archive HEAD models | tar -x -C /tmp/base`), it also compares that code with this
+`mkdir -p /tmp/base && git archive HEAD models | tar -x -C /tmp/base`; for the first round's code, which issue 13
+measured, `git archive 9bd3a00 models pipelines/__init__.py pipelines/errors.py`), it also compares that code with this
 checkout side by side on the PBMC 3k shape, 2,638 cells x 2,000 genes (the PBMC 3k counts by default, downloaded
 once and cached; or simulated ones), runs alternating: training cells/s (per second, and per CPU second, which
 other load on a shared machine disturbs less), the first epoch (the first optimizer step included), whether
@@ -50,13 +51,27 @@ PBMC_SHAPE = (2638, 2000)
 """Cells x genes of PBMC 3k after quality control and the 2,000 most variable genes."""
 
 
+def first_round(baseline: str | None) -> bool:
+    """Whether `baseline` holds the first round's layout (9bd3a00): a top-level `models` package."""
+    return baseline is not None and "from models." in (Path(baseline) / "models" / "__init__.py").read_text()
+
+
 def use_models(baseline: str | None) -> None:
-    """Import `scdgm.models` from `baseline` (a folder holding a `models` package) instead of this checkout."""
+    """Import `scdgm.models` from `baseline` (a folder holding a `models` package) instead of this checkout. The
+    first round's layout (a top-level `models` package importing `pipelines.errors`) is imported from the folder
+    as it was and stands in for `scdgm.models`: it shares no module with this checkout, so it is swapped in after
+    the data are made (by this checkout's simulators); a later layout is swapped in before anything is imported."""
     if baseline is None:
         return
     import scdgm
 
     folder = Path(baseline) / "models"
+    if first_round(baseline):
+        sys.path.insert(0, str(Path(baseline)))
+        models = importlib.import_module("models")  # the baseline's own top-level package (and pipelines.errors)
+        sys.modules["scdgm.models"] = models
+        scdgm.models = models
+        return
     spec = importlib.util.spec_from_file_location(
         "scdgm.models", folder / "__init__.py", submodule_search_locations=[str(folder)]
     )
@@ -95,13 +110,16 @@ def measure(
     data: str = "simulated",
 ) -> dict:
     """Train `kind` for 1 warm-up + `epochs` epochs on `data` cells; time the epochs after the warm-up."""
-    use_models(baseline)
+    if not first_round(baseline):
+        use_models(baseline)
     import torch
-
-    from scdgm.models import create_model
 
     torch.set_num_threads(threads)
     adata = cells(data, n_cells, n_genes)
+    if first_round(baseline):
+        use_models(baseline)
+    from scdgm.models import create_model
+
     adata.obs["split"] = "train"  # every cell trains, no validation pass (as measured before)
     stamps: list[tuple[float, float]] = []
     params = {**ARCHITECTURE, "batch_size": batch_size, "max_epochs": epochs + 1, "patience": epochs + 1}
@@ -138,15 +156,19 @@ def measure(
 
 def measure_quality(kind: str, seeds: list[int], epochs: int, threads: int, baseline: str | None = None) -> dict:
     """Held-out negative ELBO and marginal NLL (per cell) of seeded fits on simulated cells with a test split."""
-    use_models(baseline)
+    if not first_round(baseline):
+        use_models(baseline)
     import numpy as np
     import torch
 
-    from scdgm.models import create_model
     from scdgm.pipelines.simulate import simulate_programs
 
     torch.set_num_threads(threads)
     adata = simulate_programs(2000, 500, seed=7)
+    if first_round(baseline):
+        use_models(baseline)
+    from scdgm.models import create_model
+
     adata.obs["split"] = np.random.default_rng(7).choice(["train", "validation", "test"], 2000, p=[0.8, 0.1, 0.1])
     test = adata[adata.obs["split"] == "test"]
     elbo, marginal = [], []

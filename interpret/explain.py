@@ -80,6 +80,9 @@ class ExplainSettings:
     """Options of an explanation (the `explain:` section of params.yaml)."""
 
     n_genes: int = 8
+    max_cells: int | None = 100_000
+    """Cells explained at most: larger data are explained on a seeded random subset of this many (streamed data
+    read only those); None = every cell."""
     draws: int | None = None
     """Posterior draws per cell; None = enough for AUTO_DRAWS_TARGET synthetic cells, 1 to AUTO_DRAWS_MAX."""
     prior_cells: int | None = None
@@ -132,8 +135,16 @@ class ExplainSettings:
             return self.draws
         return int(np.clip(-(-AUTO_DRAWS_TARGET // max(n_cells, 1)), 1, AUTO_DRAWS_MAX))
 
+    def explained_cells(self, n_cells: int) -> np.ndarray | None:
+        """Sorted positions of the cells to explain out of `n_cells` (a seeded random `max_cells`), or None for all."""
+        if self.max_cells is None or n_cells <= self.max_cells:
+            return None
+        return np.sort(np.random.default_rng(self.seed).choice(n_cells, self.max_cells, replace=False))
+
     def check(self) -> None:
         """Reject values no explanation can use, naming the option."""
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ScdgmError(f"max_cells must be at least 1 (or null for every cell), got {self.max_cells}")
         if self.n_genes < 1 or (self.draws is not None and self.draws < 1) or self.permutations < 0:
             raise ScdgmError("n_genes and draws must be at least 1 and permutations at least 0")
         if self.prior_cells is not None and self.prior_cells < 0:
@@ -505,6 +516,10 @@ def compute_explanation(
         raise InputError(f"{model.kind}: the model has not been fitted")
     if settings.n_genes > len(model.genes):
         raise InputError(f"n_genes ({settings.n_genes}) exceeds the model's {len(model.genes)} genes")
+    n_cells_in = adata.n_obs
+    chosen = settings.explained_cells(adata.n_obs)
+    if chosen is not None:
+        adata = adata[chosen].copy()
     run = _sample_and_select(model, adata, settings)
     labels = run.labels if run.labels is not None else np.full(adata.n_obs, UNLABELLED)
     reference = build_reference(run.counts, labels, run.discretizer, run.selected, settings.abstain_distance,
@@ -517,7 +532,7 @@ def compute_explanation(
         "version": 1,
         "model": {"kind": model.kind, "n_latent": model.n_latent, "n_genes": len(model.genes),
                   "output": model.output},
-        "data": {"n_cells": adata.n_obs, "n_draws": int(run.posterior.x.shape[0]),
+        "data": {"n_cells": adata.n_obs, "n_cells_in": n_cells_in, "n_draws": int(run.posterior.x.shape[0]),
                  "label_key": settings.label_key if run.labels is not None else None},
         "settings": dataclasses.asdict(settings),
         "selection": _selection_records(run.selection, model.genes),

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scdgm.models.base import Embedding, EpochCallback, TrainingHistory, check_at_least, check_rate
-from scdgm.models.data import Batch, log_normalize
+from scdgm.models.data import Batch, Counts, count_chunks, log_normalize, subset_counts
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior
 from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
 from scdgm.models.training import StepContext
@@ -153,11 +153,13 @@ class AEModule(nn.Module):
         self.code_scale.copy_(torch.linalg.cholesky(covariance + jitter))
 
 
-def mean_log_expression(counts: sp.csr_matrix) -> torch.Tensor:
+def mean_log_expression(counts: Counts) -> torch.Tensor:
     """Mean log1p counts per 10k of each gene: the MSE decoder's starting baseline."""
-    totals = np.maximum(np.asarray(counts.sum(axis=1), dtype=np.float64).ravel(), 1.0)
-    normalised = sp.diags(SCALE / totals) @ counts.astype(np.float64)
-    return torch.from_numpy(np.asarray(normalised.log1p().mean(axis=0)).ravel().astype(np.float32))
+    sums = 0.0
+    for chunk in count_chunks(counts):
+        totals = np.maximum(np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel(), 1.0)
+        sums = sums + np.asarray((sp.diags(SCALE / totals) @ chunk.astype(np.float64)).log1p().sum(axis=0)).ravel()
+    return torch.from_numpy((sums / counts.shape[0]).astype(np.float32))
 
 
 @contextmanager
@@ -179,7 +181,7 @@ class Autoencoder(TorchCountEncoder):
     kind = "ae"
     Config = AEConfig
 
-    def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> AEModule:
+    def build_module(self, n_genes: int, n_batches: int, train_counts: Counts | None) -> AEModule:
         module = AEModule(n_genes, n_batches, self.config)
         if train_counts is not None:
             nb = self.config.loss == "nb"
@@ -192,7 +194,7 @@ class Autoencoder(TorchCountEncoder):
 
     def fit_counts(
         self,
-        counts: sp.csr_matrix,
+        counts: Counts,
         obs: pd.DataFrame,
         train: np.ndarray,
         validation: np.ndarray,
@@ -201,11 +203,11 @@ class Autoencoder(TorchCountEncoder):
         """Train, then fit the Gaussian prior to the codes of the training cells."""
         history = super().fit_counts(counts, obs, train, validation, callbacks)
         labels = self.batch_labels(obs)
-        batches = self.count_batches(counts[train], None if labels is None else labels[train])
+        batches = self.count_batches(subset_counts(counts, train), None if labels is None else labels[train])
         self.module.fit_code_prior(torch.cat(self._map(batches, lambda m, b: m.code(b))))
         return history
 
-    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
+    def embed_counts(self, counts: Counts, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
         """Codes and their MC-dropout variance, seeded so the same model embeds the same cells identically."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

@@ -15,7 +15,7 @@ import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from scdgm.errors import InputError, ScdgmError
 from scdgm.files import write_text_atomic, write_with
 from scdgm.formats import CONFIG_FILE, GENES_FILE, MODEL_FILES, WEIGHTS_FILE
-from scdgm.models.data import counts_view, fit_split, model_counts, training_counts
+from scdgm.models.data import Counts, StreamedCounts, counts_view, fit_split, model_counts, training_counts
 from scdgm.models.evaluation import evaluate_model
 
 Source = Literal["posterior", "prior"]
@@ -178,22 +178,37 @@ class GenerativeModel(ABC):
         itself is never modified. `callbacks` are called after every epoch with (epoch, metrics).
         """
         counts = training_counts(adata, layer)
-        batch = None if self.batch_key is None or self.batch_key not in adata.obs else adata.obs[self.batch_key]
-        train, validation = fit_split(adata.obs, self.config.seed, None if batch is None else batch.astype(str).to_numpy())
         self.genes = [str(g) for g in adata.var_names]
-        self.history = self.fit_counts(counts, adata.obs, train, validation, callbacks)
+        return self._fit_split(counts, adata.obs, callbacks)
+
+    def fit_streamed(
+        self, counts: StreamedCounts, obs: pd.DataFrame, callbacks: Sequence[EpochCallback] = ()
+    ) -> TrainingHistory:
+        """`fit` for data larger than memory: counts streamed from disk (checked chunk by chunk to be raw counts),
+        `obs` one row per cell of the source (the split and batch as in `fit`). Peak memory follows the counts'
+        `chunk_cells`, not the number of cells; training batches come from shuffled blocks of cells."""
+        counts.validate(obs.index, hint="fit on the raw counts")
+        self.genes = list(counts.genes)
+        return self._fit_split(counts, obs, callbacks)
+
+    def _fit_split(self, counts: Counts, obs: pd.DataFrame, callbacks: Sequence[EpochCallback]) -> TrainingHistory:
+        """Split the cells (obs['split'], else a seeded stratified random tenth for validation) and fit."""
+        batch = None if self.batch_key is None or self.batch_key not in obs else obs[self.batch_key]
+        train, validation = fit_split(obs, self.config.seed, None if batch is None else batch.astype(str).to_numpy())
+        self.history = self.fit_counts(counts, obs, train, validation, callbacks)
         return self.history
 
     @abstractmethod
     def fit_counts(
         self,
-        counts: sp.csr_matrix,
+        counts: Counts,
         obs: pd.DataFrame,
         train: np.ndarray,
         validation: np.ndarray,
         callbacks: Sequence[EpochCallback],
     ) -> TrainingHistory:
-        """Train on checked float32 counts (columns = `self.genes`) given the train and validation masks."""
+        """Train on checked float32 counts (columns = `self.genes`; in memory or streamed) given the train and
+        validation masks."""
 
     def embed(self, adata: ad.AnnData, layer: str | None = None, key_added: str | None = "X_scdgm") -> Embedding:
         """Latent mean and variance of each cell of `adata` (counts of .X or `layer`, genes aligned by name).
@@ -209,7 +224,7 @@ class GenerativeModel(ABC):
         return embedding
 
     @abstractmethod
-    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
+    def embed_counts(self, counts: Counts, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
         """Latent mean and variance of cells given as counts in the model's gene order (and their batch labels
         when the model has a batch covariate)."""
 
@@ -223,6 +238,17 @@ class GenerativeModel(ABC):
         seed: int | None = None,
     ) -> Samples:
         """Synthetic cells from the posterior of `adata`'s cells (`draws` each) or `n` from the prior."""
+
+    @abstractmethod
+    def sample_chunks(
+        self,
+        counts: Counts,
+        batch: Sequence[str] | np.ndarray | None = None,
+        draws: int = 1,
+        seed: int | None = None,
+    ) -> Iterator[Samples]:
+        """Posterior draws (`draws` per cell) of cells given as counts in the model's gene order, a chunk of cells
+        at a time, `cell_index` counting cells of `counts`: how draws of data larger than memory are written."""
 
     @abstractmethod
     def reconstruct(self, adata: ad.AnnData) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import anndata as ad
 import numpy as np
@@ -152,7 +153,7 @@ def fit_split(obs: pd.DataFrame, seed: int, strata: np.ndarray | None = None) ->
         f"{'' if strata is None else ', stratified by ' + STRATA_NOTE}); the AnnData is not modified. "
         "Set obs['split'] to 'train'/'validation'/'test' to choose the cells.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     return ~validation, validation
 
@@ -243,6 +244,12 @@ class Batch:
     whole: bool | None = None
     """Whether every count is a whole number, if known for the whole data set (None: not known), so that
     likelihoods need not check each batch."""
+    log_x: torch.Tensor | None = None
+    """log1p(x), when taken from a copy made once for the data set (the encoders' input), else None."""
+
+    def encoder_input(self) -> torch.Tensor:
+        """log1p(x): the copy made for the data set if there is one, else computed."""
+        return self.log_x if self.log_x is not None else torch.log1p(self.x)
 
 
 class CountBatches:
@@ -275,8 +282,7 @@ class CountBatches:
         self.shuffle = shuffle
         self.drop_last = drop_last and self.n_cells > self.batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        library = np.asarray(counts.sum(axis=1)).ravel()
-        self.log_library = torch.from_numpy(np.log(np.maximum(library, 1.0)).astype(np.float32)).to(self.device)
+        self.log_library = torch.from_numpy(log_library_of(counts)).to(self.device)
         self.batch_codes = (
             torch.from_numpy(np.asarray(batch_codes, dtype=np.int64)).to(self.device) if batch_codes is not None else None
         )
@@ -313,15 +319,19 @@ class CountBatches:
         return Batch(x=x, log_library=self.log_library[rows], batch_index=codes, index=index, whole=self.whole)
 
     def take(self, index: torch.Tensor) -> Batch:
-        """The batch made of the given cell indices."""
+        """The batch made of the given cell indices; on dense data it also carries log1p(x), from a copy made for
+        the data set on the first call (one gather per batch instead of a log1p pass)."""
         device_index = index.to(self.device)
-        if self.dense is not None:
-            x = self.dense.index_select(0, device_index)
-        else:
-            x = torch.from_numpy(self.sparse[index.numpy()].toarray()).to(self.device, non_blocking=True)
         codes = self.batch_codes.index_select(0, device_index) if self.batch_codes is not None else None
         log_library = self.log_library.index_select(0, device_index)
-        return Batch(x=x, log_library=log_library, batch_index=codes, index=index, whole=self.whole)
+        if self.dense is None:
+            x = torch.from_numpy(self.sparse[index.numpy()].toarray()).to(self.device, non_blocking=True)
+            return Batch(x=x, log_library=log_library, batch_index=codes, index=index, whole=self.whole)
+        log_dense = self.__dict__.get("_log_dense")
+        if log_dense is None:
+            log_dense = self._log_dense = torch.log1p(self.dense)
+        x, log_x = self.dense.index_select(0, device_index), log_dense.index_select(0, device_index)
+        return Batch(x=x, log_library=log_library, batch_index=codes, index=index, whole=self.whole, log_x=log_x)
 
 
 def log_normalize(x: torch.Tensor, target_sum: float = 1e4) -> torch.Tensor:
@@ -342,3 +352,217 @@ def expression_to_counts(
         floor = mean.floor()
         return floor + (torch.rand_like(mean) < mean - floor).to(mean.dtype)
     raise InputError(f"count noise must be 'poisson' or 'round', got {noise!r}")
+
+
+class RowSource(Protocol):
+    """Cells' counts read a range of rows at a time, e.g. an .h5ad on disk (scdgm.chunked.H5adRows)."""
+
+    @property
+    def n_cells(self) -> int: ...
+
+    @property
+    def n_genes(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix: ...
+
+
+STREAM_BLOCK = 1024
+"""Consecutive cells read together when training batches are drawn from disk: blocks are shuffled, then the cells
+of `chunk_cells / STREAM_BLOCK` blocks are shuffled together, so a batch mixes cells from all over the file."""
+
+
+class StreamedCounts:
+    """Counts of some cells of a `RowSource` (`rows`: sorted row numbers, None = all), read `chunk_cells` at a
+    time with their columns in `genes` order: what fitting, embedding and sampling read instead of an in-memory
+    matrix when the data are larger than memory. Memory is bounded by `chunk_cells`, not by the cells."""
+
+    def __init__(
+        self,
+        source: RowSource,
+        source_genes: Sequence[str],
+        genes: Sequence[str] | None = None,
+        rows: np.ndarray | None = None,
+        chunk_cells: int = 65_536,
+    ) -> None:
+        self.source = source
+        self.source_genes = [str(g) for g in source_genes]
+        self.genes = self.source_genes if genes is None else [str(g) for g in genes]
+        self.rows = np.arange(source.n_cells, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.chunk_cells = int(chunk_cells)
+        if self.chunk_cells < 1:
+            raise InputError(f"chunk_cells must be at least 1, got {chunk_cells}")
+        self.selector = None
+        if self.genes != self.source_genes:
+            empty = sp.csr_matrix((0, len(self.source_genes)), dtype=np.float32)
+            _, missing, _ = align_genes(empty, self.source_genes, self.genes, 0.0)
+            position = {g: i for i, g in enumerate(self.source_genes)}
+            source_columns = np.array([position[g] for g in self.genes], dtype=np.int64)
+            self.selector = sp.csr_matrix(
+                (np.ones(len(self.genes), dtype=np.float32), (source_columns, np.arange(len(self.genes)))),
+                shape=(len(self.source_genes), len(self.genes)),
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rows.size), len(self.genes)
+
+    def subset(self, mask: np.ndarray) -> StreamedCounts:
+        """The cells of `mask` (one flag per cell of this set), read from the same source."""
+        return StreamedCounts(self.source, self.source_genes, self.genes, self.rows[np.asarray(mask)], self.chunk_cells)
+
+    def take(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells start..stop-1 of this set as float32 CSR in `genes` order, read from the source in ranges of at
+        most `chunk_cells` rows."""
+        wanted = self.rows[start:stop]
+        parts = []
+        if wanted.size:
+            first, last = int(wanted[0]), int(wanted[-1]) + 1
+            for low in range(first, last, self.chunk_cells):
+                high = min(low + self.chunk_cells, last)
+                inside = wanted[np.searchsorted(wanted, low) : np.searchsorted(wanted, high)]
+                if inside.size:
+                    block = self.source.read(low, high)
+                    parts.append(block if inside.size == high - low else block[inside - low])
+        matrix = sp.vstack(parts, format="csr") if len(parts) > 1 else (
+            parts[0] if parts else sp.csr_matrix((0, len(self.source_genes)), dtype=np.float32)
+        )
+        if self.selector is not None:
+            matrix = sp.csr_matrix(matrix @ self.selector)
+        return sp.csr_matrix(matrix, dtype=np.float32)
+
+    def chunks(self) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(first cell, counts) of consecutive chunks of at most `chunk_cells` cells of this set."""
+        for start in range(0, self.shape[0], self.chunk_cells):
+            yield start, self.take(start, min(start + self.chunk_cells, self.shape[0]))
+
+    def validate(self, obs_names: Sequence[str], allow_non_integer: bool = False, hint: str = CLI_NON_INTEGER_HINT) -> None:
+        """`validate_counts` chunk by chunk; the error names the cell (from `obs_names`, one per cell of the
+        source) and gene."""
+        if self.shape[0] == 0 or self.shape[1] == 0:
+            raise InputError(f"the count matrix is empty: {self.shape[0]} cells x {self.shape[1]} genes")
+        for start, chunk in self.chunks():
+            names = pd.Index(np.asarray(obs_names)[self.rows[start : start + chunk.shape[0]]])
+            cells = ad.AnnData(X=chunk, obs=pd.DataFrame(index=names.astype(str)), var=pd.DataFrame(index=self.genes))
+            validate_counts(cells, allow_non_integer, non_integer_hint=hint)
+
+
+Counts = sp.csr_matrix | StreamedCounts
+"""Cells' counts as a model reads them: in memory (float32 CSR) or streamed from disk."""
+
+
+def count_chunks(counts: Counts) -> Iterator[sp.csr_matrix]:
+    """The counts in row chunks: an in-memory matrix as one chunk, streamed ones `chunk_cells` at a time."""
+    if isinstance(counts, StreamedCounts):
+        for _, chunk in counts.chunks():
+            yield chunk
+    else:
+        yield counts
+
+
+def subset_counts(counts: Counts, mask: np.ndarray) -> Counts:
+    """The cells of `mask`: a row selection in memory, or a narrower streamed set."""
+    return counts.subset(mask) if isinstance(counts, StreamedCounts) else counts[mask]
+
+
+def log_library_of(counts: sp.csr_matrix) -> np.ndarray:
+    """log total counts of each cell (at least log 1), float32: the observed library size of the models."""
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    return np.log(np.maximum(library, 1.0)).astype(np.float32)
+
+
+class StreamBatches:
+    """Mini-batches of `StreamedCounts`, drawn from disk: the `CountBatches` of data larger than memory.
+
+    In order (inference), chunks are read one after the other. Shuffled (training), the cells' blocks of
+    STREAM_BLOCK are permuted each epoch and read `chunk_cells` cells at a time, whose cells are permuted again
+    before batching (the last cells of a window wait for the next), so memory holds one window. `log_library`
+    and `batch_codes` cover every cell (one pass over the data when built).
+    """
+
+    def __init__(
+        self,
+        counts: StreamedCounts,
+        batch_codes: np.ndarray | None = None,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        whole: bool | None = None,
+    ) -> None:
+        self.counts = counts
+        self.n_cells = counts.shape[0]
+        if self.n_cells == 0:
+            raise InputError("no cells to batch")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last and self.n_cells > self.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.whole = whole
+        self.log_library = torch.from_numpy(np.concatenate([log_library_of(c) for c in count_chunks(counts)]))
+        self.log_library = self.log_library.to(self.device)
+        self.batch_codes = (
+            torch.from_numpy(np.asarray(batch_codes, dtype=np.int64)).to(self.device) if batch_codes is not None else None
+        )
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n_cells, self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def _batch(self, matrix: sp.csr_matrix, positions: np.ndarray) -> Batch:
+        """The batch of the rows of `matrix` holding cells `positions` (row i of matrix = positions[i])."""
+        x = torch.from_numpy(matrix.toarray()).to(self.device, non_blocking=True)
+        index = torch.from_numpy(positions)
+        device_index = index.to(self.device)
+        codes = self.batch_codes.index_select(0, device_index) if self.batch_codes is not None else None
+        log_library = self.log_library.index_select(0, device_index)
+        return Batch(x=x, log_library=log_library, batch_index=codes, index=index, whole=self.whole)
+
+    def _windows(self) -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
+        """(counts, cell positions) of successive windows: chunks in order, or shuffled blocks, cells permuted."""
+        if not self.shuffle:
+            for start, chunk in self.counts.chunks():
+                yield chunk, np.arange(start, start + chunk.shape[0], dtype=np.int64)
+            return
+        n_blocks = -(-self.n_cells // STREAM_BLOCK)
+        order = torch.randperm(n_blocks, generator=self.generator).numpy()
+        per_window = max(1, self.counts.chunk_cells // STREAM_BLOCK)
+        for first in range(0, n_blocks, per_window):
+            blocks = np.sort(order[first : first + per_window])
+            parts, positions = [], []
+            for block in blocks:
+                start, stop = int(block) * STREAM_BLOCK, min((int(block) + 1) * STREAM_BLOCK, self.n_cells)
+                parts.append(self.counts.take(start, stop))
+                positions.append(np.arange(start, stop, dtype=np.int64))
+            matrix, cells = sp.vstack(parts, format="csr"), np.concatenate(positions)
+            mix = torch.randperm(cells.size, generator=self.generator).numpy()
+            yield matrix[mix], cells[mix]
+
+    def __iter__(self) -> Iterator[Batch]:
+        left: tuple[sp.csr_matrix, np.ndarray] | None = None
+        for matrix, cells in self._windows():
+            if left is not None:
+                matrix, cells = sp.vstack([left[0], matrix], format="csr"), np.concatenate([left[1], cells])
+            usable = cells.size - cells.size % self.batch_size
+            for start in range(0, usable, self.batch_size):
+                yield self._batch(matrix[start : start + self.batch_size], cells[start : start + self.batch_size])
+            left = (matrix[usable:], cells[usable:]) if usable < cells.size else None
+        if left is not None and not self.drop_last:
+            yield self._batch(*left)
+
+
+def make_batches(
+    counts: Counts,
+    batch_codes: np.ndarray | None = None,
+    batch_size: int = 128,
+    shuffle: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    drop_last: bool = False,
+    whole: bool | None = None,
+) -> CountBatches | StreamBatches:
+    """Mini-batches of in-memory counts (`CountBatches`) or of counts streamed from disk (`StreamBatches`)."""
+    kind = StreamBatches if isinstance(counts, StreamedCounts) else CountBatches
+    return kind(counts, batch_codes=batch_codes, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device,
+                drop_last=drop_last, whole=whole)

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 from scdgm.models.base import check_at_least, check_non_negative, check_positive, require
-from scdgm.models.data import Batch, model_counts
+from scdgm.models.data import Batch, Counts, count_chunks, model_counts
 from scdgm.models.torch_model import TorchModel, TrainConfig
 from scdgm.models.training import StepContext
 
@@ -259,10 +258,12 @@ class DBM(TorchModel):
     def n_latent(self) -> int:
         return self.config.n_hidden1 + self.config.n_hidden2
 
-    def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> DBMModule:
+    def build_module(self, n_genes: int, n_batches: int, train_counts: Counts | None) -> DBMModule:
         rate = None
         if train_counts is not None:
-            on = np.asarray((train_counts > self.config.threshold).mean(axis=0)).ravel()
+            chunks = count_chunks(train_counts)
+            on = sum(np.asarray((chunk > self.config.threshold).sum(axis=0)).ravel() for chunk in chunks)
+            on = on / train_counts.shape[0]
             rate = torch.from_numpy(on.astype(np.float32))
         return DBMModule(n_genes, self.config, rate)
 

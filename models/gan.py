@@ -30,12 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import scipy.sparse as sp
 import torch
 from torch import nn
 
 from scdgm.models.base import check_at_least, check_non_negative, check_positive, require
-from scdgm.models.data import Batch, expression_to_counts, log_normalize
+from scdgm.models.data import Batch, Counts, expression_to_counts, log_normalize
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.nn import mlp, with_batch
 from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
@@ -222,5 +221,5 @@ class WGAN(TorchCountEncoder):
     def n_latent(self) -> int:
         return self.config.n_latent
 
-    def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> WGANModule:
+    def build_module(self, n_genes: int, n_batches: int, train_counts: Counts | None) -> WGANModule:
         return WGANModule(n_genes, n_batches, self.config)

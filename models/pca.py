@@ -37,12 +37,16 @@ from scdgm.models.base import (
     require,
 )
 from scdgm.models.data import (
-    CountBatches,
+    Counts,
+    StreamedCounts,
     check_device,
+    count_chunks,
     expression_to_counts,
     log_normalize,
+    make_batches,
     model_counts,
     resolve_device,
+    subset_counts,
 )
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.training import seed_everything
@@ -102,7 +106,7 @@ class PCA(GenerativeModel, LinearDecoder):
     # --- fitting ---------------------------------------------------------------------------------------
     def fit_counts(
         self,
-        counts: sp.csr_matrix,
+        counts: Counts,
         obs: pd.DataFrame,
         train: np.ndarray,
         validation: np.ndarray,
@@ -115,7 +119,10 @@ class PCA(GenerativeModel, LinearDecoder):
         n_genes = counts.shape[1]
         if self.config.n_latent >= n_genes:
             raise InputError(f"pca: n_latent ({self.config.n_latent}) must be below the number of genes ({n_genes})")
-        train_counts = counts[train]
+        train_counts = subset_counts(counts, train)
+        if self.config.method == "fa" and isinstance(counts, StreamedCounts):
+            raise InputError("pca: method 'fa' (sklearn) needs the training cells in memory; these are streamed from "
+                             "disk (larger than scale.stream_above_mb): use method 'ppca', which streams")
         fitted = self._fit_ppca(train_counts) if self.config.method == "ppca" else self._fit_fa(train_counts)
         mean, loadings, noise, total = fitted
         order = torch.argsort((loadings**2).sum(0), descending=True)
@@ -128,23 +135,23 @@ class PCA(GenerativeModel, LinearDecoder):
             "total_variance": total.reshape(1),
         }
         library_prior = LibraryPrior(0)
-        library_prior.fit(CountBatches(train_counts).log_library.double(), None)
+        library_prior.fit(make_batches(train_counts).log_library.double(), None)
         self.params.update({f"library_prior.{k}": v.to(self.device) for k, v in library_prior.state_dict().items()})
         metrics = {"train_loss": float(self._gaussian_nll(train_counts).mean())}
         if validation.any():
-            metrics["validation_loss"] = float(self._gaussian_nll(counts[validation]).mean())
+            metrics["validation_loss"] = float(self._gaussian_nll(subset_counts(counts, validation)).mean())
         metrics["epoch"] = 0
         self.history = TrainingHistory(epochs=[metrics], best_epoch=0, seconds=time.perf_counter() - started)
         for callback in callbacks:
             callback(0, metrics)
         return self.history
 
-    def _log_expression(self, counts: sp.csr_matrix) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _log_expression(self, counts: Counts) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Chunks of log-normalised expression (float64 on the model's device) and log library sizes."""
-        for batch in CountBatches(counts, batch_size=CHUNK, device=self.device):
+        for batch in make_batches(counts, batch_size=CHUNK, device=self.device):
             yield log_normalize(batch.x, self.config.target_sum).double(), batch.log_library
 
-    def _fit_ppca(self, counts: sp.csr_matrix) -> tuple[torch.Tensor, ...]:
+    def _fit_ppca(self, counts: Counts) -> tuple[torch.Tensor, ...]:
         """Maximum-likelihood PPCA from the eigendecomposition of the gene covariance (streamed over cells)."""
         n_genes, q = counts.shape[1], self.config.n_latent
         total_sum = torch.zeros(n_genes, dtype=torch.float64, device=self.device)
@@ -194,14 +201,14 @@ class PCA(GenerativeModel, LinearDecoder):
         covariance = torch.linalg.inv(torch.eye(w.shape[1], dtype=w.dtype, device=w.device) + w.T @ scaled)
         return covariance, covariance @ scaled.T
 
-    def _centred(self, cells: ad.AnnData | sp.csr_matrix) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _centred(self, cells: ad.AnnData | Counts) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Chunks of (y − μ) for the given cells (AnnData aligned by gene name, or counts), with log libraries."""
         counts = model_counts(cells, self.genes) if isinstance(cells, ad.AnnData) else cells
         mean = self._require_fitted()["mean"]
         for y, log_library in self._log_expression(counts):
             yield y - mean, log_library
 
-    def _posterior_mean(self, cells: ad.AnnData | sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    def _posterior_mean(self, cells: ad.AnnData | Counts) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means of the latent and the cells' log library sizes."""
         _, projection = self._posterior_terms()
         means, libraries = [], []
@@ -210,7 +217,7 @@ class PCA(GenerativeModel, LinearDecoder):
             libraries.append(log_library)
         return torch.cat(means), torch.cat(libraries)
 
-    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
+    def embed_counts(self, counts: Counts, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
         """Posterior mean and (diagonal) variance of each cell's latent; the variance is the same for all cells."""
         covariance, _ = self._posterior_terms()
         mean, _ = self._posterior_mean(counts)
@@ -226,6 +233,40 @@ class PCA(GenerativeModel, LinearDecoder):
         expected = torch.expm1(log_expression).clamp(min=0.0) * scale.unsqueeze(1)
         return expected.float().cpu().numpy()
 
+    def _counts_from(self, z: torch.Tensor, log_library: torch.Tensor) -> torch.Tensor:
+        """Log expression μ + Wz (+ ε when sample_noise), then Poisson counts at each cell's library size."""
+        params = self._require_fitted()
+        log_expression = params["mean"] + z @ params["loadings"].T
+        if self.config.sample_noise:
+            log_expression = log_expression + torch.randn_like(log_expression) * params["noise_variance"].sqrt()
+        return expression_to_counts(log_expression, log_library.double(), self.config.target_sum, "poisson")
+
+    def sample_chunks(
+        self,
+        counts: Counts,
+        batch: Sequence[str] | np.ndarray | None = None,
+        draws: int = 1,
+        seed: int | None = None,
+    ) -> Iterator[Samples]:
+        """Posterior draws (full covariance) for cells given as counts, a chunk of cells at a time (an in-memory
+        matrix is one chunk), `draws` per cell draw-major within the chunk."""
+        seed = self.config.seed if seed is None else seed
+        covariance, _ = self._posterior_terms()
+        factor = torch.linalg.cholesky(covariance).T
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            offset = 0
+            for chunk in count_chunks(counts):
+                mean, log_library = self._posterior_mean(chunk)
+                mean, log_library = mean.repeat(draws, 1), log_library.repeat(draws)
+                z = mean + torch.randn(mean.shape, dtype=mean.dtype, device=mean.device) @ factor
+                x = self._counts_from(z, log_library)
+                cell_index = offset + np.tile(np.arange(chunk.shape[0]), draws)
+                offset += chunk.shape[0]
+                yield Samples(x=x.float().cpu().numpy(), z=z.float().cpu().numpy(), source="posterior",
+                              cell_index=cell_index)
+
     def sample(
         self,
         adata: ad.AnnData | None = None,
@@ -235,36 +276,26 @@ class PCA(GenerativeModel, LinearDecoder):
         seed: int | None = None,
     ) -> Samples:
         """Latents from the posterior (full covariance) or N(0, I), log expression μ + Wz (+ ε), Poisson counts."""
-        params = self._require_fitted()
-        seed = self.config.seed if seed is None else seed
+        self._require_fitted()
+        if source == "posterior":
+            if adata is None:
+                raise InputError("posterior sampling needs cells (adata)")
+            (samples,) = self.sample_chunks(model_counts(adata, self.genes), draws=draws, seed=seed)
+            return samples
+        if source != "prior":
+            raise InputError(f"source must be 'posterior' or 'prior', got {source!r}")
+        if not n or n < 1:
+            raise InputError("prior sampling needs a positive number of cells (n)")
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            if source == "posterior":
-                if adata is None:
-                    raise InputError("posterior sampling needs cells (adata)")
-                covariance, _ = self._posterior_terms()
-                mean, log_library = self._posterior_mean(adata)
-                mean, log_library = mean.repeat(draws, 1), log_library.repeat(draws)
-                noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
-                z = mean + noise @ torch.linalg.cholesky(covariance).T
-                cell_index = np.tile(np.arange(adata.n_obs), draws)
-            elif source == "prior":
-                if not n or n < 1:
-                    raise InputError("prior sampling needs a positive number of cells (n)")
-                z = torch.randn(n, self.n_latent, dtype=torch.float64, device=self.device)
-                log_library, _ = self._library_prior().sample(n)
-                cell_index = None
-            else:
-                raise InputError(f"source must be 'posterior' or 'prior', got {source!r}")
-            log_expression = params["mean"] + z @ params["loadings"].T
-            if self.config.sample_noise:
-                log_expression = log_expression + torch.randn_like(log_expression) * params["noise_variance"].sqrt()
-            x = expression_to_counts(log_expression, log_library.double(), self.config.target_sum, "poisson")
-        return Samples(x=x.float().cpu().numpy(), z=z.float().cpu().numpy(), source=source, cell_index=cell_index)
+            torch.manual_seed(self.config.seed if seed is None else seed)
+            z = torch.randn(n, self.n_latent, dtype=torch.float64, device=self.device)
+            log_library, _ = self._library_prior().sample(n)
+            x = self._counts_from(z, log_library)
+        return Samples(x=x.float().cpu().numpy(), z=z.float().cpu().numpy(), source=source)
 
     # --- likelihood and interpretation -----------------------------------------------------------------
-    def _gaussian_nll(self, cells: ad.AnnData | sp.csr_matrix) -> torch.Tensor:
+    def _gaussian_nll(self, cells: ad.AnnData | Counts) -> torch.Tensor:
         """Per-cell −log N(y; μ, WWᵀ + Ψ) via the Woodbury identity (no genes × genes inverse)."""
         params = self._require_fitted()
         w, psi = params["loadings"], params["noise_variance"]

@@ -7,7 +7,7 @@ encoder reads the counts differentiably derive from `TorchCountEncoder`, which d
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +32,18 @@ from scdgm.models.base import (
     check_positive,
     check_tensor_shapes,
 )
-from scdgm.models.data import Batch, CountBatches, check_device, model_counts, resolve_device
+from scdgm.models.data import (
+    Batch,
+    CountBatches,
+    Counts,
+    StreamBatches,
+    StreamedCounts,
+    check_device,
+    make_batches,
+    model_counts,
+    resolve_device,
+    subset_counts,
+)
 from scdgm.models.likelihoods import LibraryPrior
 from scdgm.models.training import LoopConfig, Replicas, fit_module, seed_everything
 
@@ -117,10 +128,11 @@ class TorchModel(GenerativeModel):
         return self.config.batch_key
 
     @abstractmethod
-    def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> torch.nn.Module:
-        """Create the torch module; `train_counts` (None when loading) lets it set data-derived buffers."""
+    def build_module(self, n_genes: int, n_batches: int, train_counts: Counts | None) -> torch.nn.Module:
+        """Create the torch module; `train_counts` (None when loading) lets it set data-derived buffers (read in
+        chunks: `models.data.count_chunks`)."""
 
-    def init_from_data(self, train_batches: CountBatches) -> None:
+    def init_from_data(self, train_batches: CountBatches | StreamBatches) -> None:
         """Set data-derived buffers of the new module from the training batches: its library prior is fitted per
         batch (it needs the batch codes `build_module` does not see)."""
         if self.module.library_prior is not None:
@@ -133,7 +145,7 @@ class TorchModel(GenerativeModel):
     # --- fitting ---------------------------------------------------------------------------------------
     def fit_counts(
         self,
-        counts: sp.csr_matrix,
+        counts: Counts,
         obs: pd.DataFrame,
         train: np.ndarray,
         validation: np.ndarray,
@@ -146,21 +158,27 @@ class TorchModel(GenerativeModel):
         if labels is not None:
             self.batch_categories = sorted(set(labels.tolist()))
         codes = self.batch_codes(labels, counts.shape[0])
-        self.module = self.build_module(len(self.genes), len(self.batch_categories), counts[train]).to(device)
-        train_batches = self._batches(counts[train], codes, train, shuffle=True)
+        if self.data_parallel is not None and isinstance(counts, StreamedCounts):
+            raise InputError("data-parallel training (--workers) reads the counts into memory; these are streamed "
+                             "from disk (larger than scale.stream_above_mb): train with one worker")
+        train_counts = subset_counts(counts, train)
+        self.module = self.build_module(len(self.genes), len(self.batch_categories), train_counts).to(device)
+        train_batches = self._batches(train_counts, codes, train, shuffle=True)
         self.init_from_data(train_batches)
         if self.data_parallel is not None:
             self.history = self.data_parallel.fit(self, counts, codes, train, validation, callbacks)
         else:
-            validation_batches = self._batches(counts[validation], codes, validation) if validation.any() else None
+            validation_batches = (
+                self._batches(subset_counts(counts, validation), codes, validation) if validation.any() else None
+            )
             self.history = self.train_module(train_batches, validation_batches, callbacks)
         self.module.eval()
         return self.history
 
     def train_module(
         self,
-        train_batches: CountBatches,
-        validation_batches: CountBatches | None,
+        train_batches: CountBatches | StreamBatches,
+        validation_batches: CountBatches | StreamBatches | None,
         callbacks: Sequence[EpochCallback] = (),
         replicas: Replicas | None = None,
     ) -> TrainingHistory:
@@ -178,9 +196,9 @@ class TorchModel(GenerativeModel):
         return fit_module(self.module, train_batches, validation_batches, loop, callbacks, replicas)
 
     def _batches(
-        self, counts: sp.csr_matrix, codes: np.ndarray | None, mask: np.ndarray | None = None, shuffle: bool = False
-    ) -> CountBatches:
-        return CountBatches(
+        self, counts: Counts, codes: np.ndarray | None, mask: np.ndarray | None = None, shuffle: bool = False
+    ) -> CountBatches | StreamBatches:
+        return make_batches(
             counts,
             batch_codes=None if codes is None else (codes[mask] if mask is not None else codes),
             batch_size=self.config.batch_size,
@@ -204,24 +222,24 @@ class TorchModel(GenerativeModel):
         return self.module
 
     def count_batches(
-        self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None, batch_size: int = 4096
-    ) -> CountBatches:
+        self, counts: Counts, batch: Sequence[str] | np.ndarray | None = None, batch_size: int = 4096
+    ) -> CountBatches | StreamBatches:
         """Inference batches of cells given as counts in the model's gene order (and their batch labels)."""
         self._require_module()
         codes = self.batch_codes(batch, counts.shape[0])
-        return CountBatches(counts, batch_codes=codes, batch_size=batch_size, device=self.device)
+        return make_batches(counts, batch_codes=codes, batch_size=batch_size, device=self.device)
 
     def inference_batches(self, adata: ad.AnnData, batch_size: int = 4096) -> CountBatches:
         """Batches of `adata`'s cells in the model's gene order, for inference."""
         return self.count_batches(model_counts(adata, self.genes), self.batch_labels(adata.obs), batch_size)
 
-    def _map(self, batches: CountBatches, fn: Any) -> list[Any]:
+    def _map(self, batches: CountBatches | StreamBatches, fn: Any) -> list[Any]:
         module = self._require_module()
         module.eval()
         with torch.no_grad():
             return [fn(module, batch) for batch in batches]
 
-    def embed_counts(self, counts: sp.csr_matrix, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
+    def embed_counts(self, counts: Counts, batch: Sequence[str] | np.ndarray | None = None) -> Embedding:
         parts = self._map(self.count_batches(counts, batch), lambda m, b: m.encode(b))
         mean = torch.cat([p[0] for p in parts]).cpu().numpy()
         var = torch.cat([p[1] for p in parts]).cpu().numpy()
@@ -229,6 +247,30 @@ class TorchModel(GenerativeModel):
 
     def reconstruct(self, adata: ad.AnnData) -> np.ndarray:
         return torch.cat(self._map(self.inference_batches(adata), lambda m, b: m.expected(b))).cpu().numpy()
+
+    def sample_chunks(
+        self,
+        counts: Counts,
+        batch: Sequence[str] | np.ndarray | None = None,
+        draws: int = 1,
+        seed: int | None = None,
+    ) -> Iterator[Samples]:
+        """Posterior draws for cells given as counts in the model's gene order, a batch of cells at a time
+        (draw-major, `cell_index` = position in `counts`): `sample` concatenates them; data larger than memory
+        are written as they come. Seeded once; the caller must not draw torch random numbers between chunks."""
+        module = self._require_module()
+        module.eval()
+        seed = self.config.seed if seed is None else seed
+        batches = self.count_batches(counts, batch)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for _ in range(draws):
+                for cells in batches:
+                    z = module.draw_posterior(cells)
+                    x = module.generate(z, cells.log_library, cells.batch_index)
+                    yield Samples(x=x.cpu().numpy(), z=z.cpu().numpy(), source="posterior",
+                                  cell_index=cells.index.numpy())
 
     def sample(
         self,
@@ -238,36 +280,29 @@ class TorchModel(GenerativeModel):
         draws: int = 1,
         seed: int | None = None,
     ) -> Samples:
+        if source == "posterior":
+            if adata is None:
+                raise InputError("posterior sampling needs cells (adata)")
+            counts = model_counts(adata, self.genes)
+            parts = list(self.sample_chunks(counts, self.batch_labels(adata.obs), draws, seed))
+            return Samples(x=np.concatenate([p.x for p in parts]), z=np.concatenate([p.z for p in parts]),
+                           source="posterior", cell_index=np.concatenate([p.cell_index for p in parts]))
+        if source != "prior":
+            raise InputError(f"source must be 'posterior' or 'prior', got {source!r}")
+        if not n or n < 1:
+            raise InputError("prior sampling needs a positive number of cells (n)")
         module = self._require_module()
         module.eval()
         seed = self.config.seed if seed is None else seed
         devices = [self.device] if self.device.type == "cuda" else []
+        xs, zs = [], []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            if source == "posterior":
-                if adata is None:
-                    raise InputError("posterior sampling needs cells (adata)")
-                xs, zs = [], []
-                for _ in range(draws):
-                    for batch in self.inference_batches(adata):
-                        z = module.draw_posterior(batch)
-                        xs.append(module.generate(z, batch.log_library, batch.batch_index))
-                        zs.append(z)
-                cell_index = np.tile(np.arange(adata.n_obs), draws)
-            elif source == "prior":
-                if not n or n < 1:
-                    raise InputError("prior sampling needs a positive number of cells (n)")
-                xs, zs = [], []
-                for start in range(0, n, 4096):
-                    z, log_library, batch_index = module.draw_prior(min(4096, n - start))
-                    xs.append(module.generate(z, log_library, batch_index))
-                    zs.append(z)
-                cell_index = None
-            else:
-                raise InputError(f"source must be 'posterior' or 'prior', got {source!r}")
-        x = torch.cat(xs).cpu().numpy()
-        z = torch.cat(zs).cpu().numpy()
-        return Samples(x=x, z=z, source=source, cell_index=cell_index)
+            for start in range(0, n, 4096):
+                z, log_library, batch_index = module.draw_prior(min(4096, n - start))
+                xs.append(module.generate(z, log_library, batch_index))
+                zs.append(z)
+        return Samples(x=torch.cat(xs).cpu().numpy(), z=torch.cat(zs).cpu().numpy(), source="prior")
 
     # --- persistence -----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from typing import Any, ClassVar, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,7 +29,7 @@ from scdgm.models.base import (
     check_non_negative,
     check_rate,
 )
-from scdgm.models.data import Batch, split_mask
+from scdgm.models.data import Batch, Counts, count_chunks, split_mask
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
 from scdgm.models.nn import mlp, with_batch
 from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
@@ -218,7 +217,7 @@ class VAEModule(nn.Module):
 
     # --- model pieces ----------------------------------------------------------------------------------
     def posterior(self, batch: Batch) -> Posterior:
-        out = self.encoder(torch.log1p(batch.x), batch.batch_index)
+        out = self.encoder(batch.encoder_input(), batch.batch_index)
         k = self.n_latent
         if not self.learned_library:
             return Posterior(out[:, :k], positive(out[:, k:]), None, None)
@@ -233,8 +232,11 @@ class VAEModule(nn.Module):
 
     def _log_px(self, batch: Batch, z: torch.Tensor, library: torch.Tensor | None) -> torch.Tensor:
         """log p(x | z, library) of each cell (the observed library when `library` is None)."""
-        log_mu, zero_logits = self.decode(z, batch.log_library if library is None else library[:, 0], batch.batch_index)
-        return self.likelihood.log_prob(batch.x, log_mu, zero_logits, batch.batch_index, batch.whole)
+        logits, zero_logits = self.decoder(z, batch.batch_index)
+        log_library = batch.log_library if library is None else library[:, 0]
+        return self.likelihood.log_prob_from_logits(
+            batch.x, logits, log_library, zero_logits, batch.batch_index, batch.whole
+        )
 
     def _draw(self, batch: Batch) -> tuple[Posterior, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One reparameterised draw of (z, log library) per cell and log p(x | z, library)."""
@@ -252,7 +254,7 @@ class VAEModule(nn.Module):
     def elbo_terms(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell reconstruction term -log p(x | z, l) (one draw) and analytic KL divergence: the draws of
         `_draw` (same noise, same order), the latent one and its KL fused (`_DrawWithKL`)."""
-        out = self.encoder(torch.log1p(batch.x), batch.batch_index)
+        out = self.encoder(batch.encoder_input(), batch.batch_index)
         k = self.n_latent
         mean = out[:, :k]
         z, kl = _DrawWithKL.apply(mean, out[:, k : 2 * k], torch.randn_like(mean))
@@ -318,9 +320,9 @@ class VAEModule(nn.Module):
         return self.likelihood.mean(*self.decode(post.mean, library, batch.batch_index))
 
 
-def log_mean_proportion(counts: sp.csr_matrix) -> torch.Tensor:
+def log_mean_proportion(counts: Counts) -> torch.Tensor:
     """log of each gene's share of all counts (one pseudo-count per gene): the decoder's starting baseline."""
-    totals = np.asarray(counts.sum(axis=0), dtype=np.float64).ravel() + 1.0
+    totals = sum(np.asarray(chunk.sum(axis=0), dtype=np.float64).ravel() for chunk in count_chunks(counts)) + 1.0
     return torch.from_numpy(np.log(totals / totals.sum()).astype(np.float32))
 
 
@@ -341,7 +343,7 @@ class VAE(TorchCountEncoder):
         it, so the model kept has the full KL weight and training always runs past the warm-up."""
         return min(math.ceil(self.config.kl_warmup_fraction * self.config.max_epochs), self.config.max_epochs - 1)
 
-    def build_module(self, n_genes: int, n_batches: int, train_counts: sp.csr_matrix | None) -> VAEModule:
+    def build_module(self, n_genes: int, n_batches: int, train_counts: Counts | None) -> VAEModule:
         module = VAEModule(n_genes, n_batches, self.config, self.linear_decoder)
         if train_counts is not None:
             module.decoder.init_baseline(log_mean_proportion(train_counts))
@@ -383,7 +385,7 @@ class LDVAE(VAE, LinearDecoder):
 
     def fit_counts(
         self,
-        counts: sp.csr_matrix,
+        counts: Counts,
         obs: pd.DataFrame,
         train: np.ndarray,
         validation: np.ndarray,

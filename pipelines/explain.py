@@ -10,16 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from scdgm.errors import ScdgmError
 from scdgm.formats import EXPLANATION_DIR, RUN_RECORD
-from scdgm.interpret.explain import ExplainSettings, run_explanation
+from scdgm.interpret.explain import ExplainSettings, compute_explanation
 from scdgm.models import load_model
 from scdgm.pipelines import tracking
 from scdgm.pipelines.config import apply_overrides, load_params
 from scdgm.pipelines.evaluate import explanation_summary
-from scdgm.pipelines.io import read_counts
+from scdgm.pipelines.io import read_counts, validate_counts
+from scdgm.pipelines.streaming import read_cells, streamed_input
 from scdgm.project import project_path
 
 
@@ -48,11 +50,21 @@ def explain_command(
     if not model.is_dir():
         raise ScdgmError(f"model directory not found: {model}")
     fitted = load_model(str(model))
-    adata = read_counts(data)
-    report = run_explanation(fitted, adata, out or model / EXPLANATION_DIR, settings)
+    rows = streamed_input(data, config)
+    if rows is None:
+        adata = read_counts(data)
+        shape = adata.shape
+    else:  # larger than memory: only the cells explained are read (explain.max_cells of them)
+        chosen = settings.explained_cells(rows.n_cells)
+        adata = read_cells(rows, config, np.arange(rows.n_cells) if chosen is None else chosen)
+        validate_counts(adata)
+        shape = rows.shape
+    explanation = compute_explanation(fitted, adata, settings)
+    explanation.report["data"]["n_cells_in"] = shape[0]
+    report = explanation.save(out or model / EXPLANATION_DIR)
     typer.echo(summary(report))
     if (model / RUN_RECORD).is_file():
-        run_id = log_explanation(tracking.RunRecord.read(model), report, data, adata.shape)
+        run_id = log_explanation(tracking.RunRecord.read(model), report, data, shape)
         typer.echo(f"logged as MLflow run {run_id}, linked to the model's run")
 
 
@@ -72,7 +84,10 @@ def log_explanation(model_record: tracking.RunRecord, report: dict[str, Any], da
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines: the selected genes with G² and p-values, and label-transfer accuracy."""
-    lines = [f"wrote {report['directory']}: {report['model']['kind']} explained on {report['data']['n_cells']} cells"]
+    data = report["data"]
+    of = f" (a seeded random subset of {data['n_cells_in']}: explain.max_cells)" if data["n_cells_in"] > data["n_cells"] else ""
+    lines = [f"wrote {report['directory']}: {report['model']['kind']} explained on {data['n_cells']} cells{of}, "
+             f"{data['n_draws']} posterior draws"]
     for step in report["selection"]:
         pvalue = "" if step["pvalue"] is None else (
             f"  p<={step['pvalue']:.3g} (floor; G2 {step['g2_over_null_max']:.1f}x the permutations' largest)"

@@ -7,6 +7,7 @@ obs['cell_type'], the split in obs['split'] (train/validation/test) and the line
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,11 +18,25 @@ from scdgm.defaults import default_section
 from scdgm.errors import InputError, ScdgmError
 from scdgm.pipelines.annotate import annotate_by_markers, check_thresholds
 from scdgm.pipelines.config import apply_overrides, load_params
-from scdgm.pipelines.io import read_counts, validate_counts, write_h5ad_atomic
+from scdgm.pipelines.io import _make_unique, read_counts, validate_counts, write_h5ad_atomic
+from scdgm.pipelines.stream_prepare import (
+    cell_counts,
+    count_metrics,
+    gene_moments,
+    mean_and_variance,
+    mito_genes,
+    seurat_v3,
+    streamed_counts,
+    subset,
+    write_prepared,
+)
+from scdgm.pipelines.streaming import scale_settings
 
 if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
+
+    from scdgm.chunked import H5adRows
 
 logger = logging.getLogger(__name__)
 
@@ -119,42 +134,65 @@ def quality_control(adata: ad.AnnData, settings: dict[str, Any]) -> tuple[ad.Ann
     if (counts.data == 0).any():
         counts = counts.copy()
         counts.eliminate_zeros()
-    mito = np.asarray([str(g).upper().startswith("MT-") for g in adata.var_names])
-    total = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    mito_counts = np.asarray(counts[:, mito].sum(axis=1), dtype=np.float64).ravel() if mito.any() else None
-    metrics = {
-        "n_genes": np.diff(counts.indptr),
+    total, n_genes, mito_counts = count_metrics(counts, mito_genes(adata.var_names))
+    metrics = cell_metrics(total, n_genes, mito_counts)
+    keep, qc = select_cells(metrics, mito_counts, settings, adata.obs)
+    adata = adata[keep].copy()
+    adata.X = counts[keep]
+    add_metrics(adata.obs, metrics, keep)
+    genes = select_genes(np.bincount(adata.X.indices, minlength=adata.n_vars), settings["min_cells"], adata.n_obs)
+    return adata[:, genes].copy(), qc
+
+
+def cell_metrics(total: np.ndarray, n_genes: np.ndarray, mito_counts: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The QC metrics of every cell: genes detected, total counts and the fraction of counts from MT- genes."""
+    return {
+        "n_genes": n_genes,
         "total_counts": total,
-        "mito_fraction": np.zeros(adata.n_obs) if mito_counts is None else
-        np.divide(mito_counts, total, out=np.zeros(adata.n_obs), where=total > 0),
+        "mito_fraction": np.zeros(total.size) if mito_counts is None else
+        np.divide(mito_counts, total, out=np.zeros(total.size), where=total > 0),
     }
+
+
+def select_cells(
+    metrics: dict[str, np.ndarray], mito_counts: np.ndarray | None, settings: dict[str, Any], obs: pd.DataFrame
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The cells within the QC limits (a mask) and the `qc_report`; no cell left, or too few for the split, is a
+    user error naming the limits."""
     limits, skipped = qc_limits(metrics, mito_counts, settings)
+    n_obs = metrics["total_counts"].size
     failing = {
         name: metrics[metric] < threshold if side == "<" else metrics[metric] > threshold
         for name, (metric, side, threshold) in limits.items()
     }
-    keep = ~np.logical_or.reduce([np.zeros(adata.n_obs, dtype=bool), *failing.values()])
-    qc = qc_report(adata, settings["qc"], limits, failing, skipped, keep, settings.get("label_key"))
+    keep = ~np.logical_or.reduce([np.zeros(n_obs, dtype=bool), *failing.values()])
+    qc = qc_report(obs, settings["qc"], limits, failing, skipped, keep, settings.get("label_key"))
     if not keep.any():
         n_genes = metrics["n_genes"]
         raise InputError(
-            f"no cells left after QC: none of {adata.n_obs} cells passes {describe_limits(qc)} "
+            f"no cells left after QC: none of {n_obs} cells passes {describe_limits(qc)} "
             f"(detected genes range {n_genes.min()}-{n_genes.max()}); {QC_HINTS[settings['qc']]}"
         )
     check_split_sizes(int(keep.sum()), settings["split"], qc)
-    adata = adata[keep].copy()
-    adata.X = counts[keep]
-    adata.obs["n_genes"] = metrics["n_genes"][keep].astype(np.int64)
-    adata.obs["total_counts"] = total[keep].astype(np.float32)
-    adata.obs["mito_fraction"] = metrics["mito_fraction"][keep].astype(np.float32)
-    n_cells = np.bincount(adata.X.indices, minlength=adata.n_vars)
-    genes = n_cells >= settings["min_cells"]
+    return keep, qc
+
+
+def add_metrics(obs: pd.DataFrame, metrics: dict[str, np.ndarray], keep: np.ndarray) -> None:
+    """Set obs['n_genes'], obs['total_counts'] and obs['mito_fraction'] of the kept cells (`obs` holds only them)."""
+    obs["n_genes"] = metrics["n_genes"][keep].astype(np.int64)
+    obs["total_counts"] = metrics["total_counts"][keep].astype(np.float32)
+    obs["mito_fraction"] = metrics["mito_fraction"][keep].astype(np.float32)
+
+
+def select_genes(n_cells: np.ndarray, min_cells: int, n_obs: int) -> np.ndarray:
+    """The genes detected in at least `min_cells` of the `n_obs` cells that passed QC (`n_cells`: cells per gene)."""
+    genes = n_cells >= min_cells
     if not genes.any():
         raise InputError(
-            f"no genes left after QC: none of {adata.n_vars} genes is detected in min_cells={settings['min_cells']} "
-            f"of the {adata.n_obs} cells that passed"
+            f"no genes left after QC: none of {n_cells.size} genes is detected in min_cells={min_cells} "
+            f"of the {n_obs} cells that passed"
         )
-    return adata[:, genes].copy(), qc
+    return genes
 
 
 def qc_limits(
@@ -209,7 +247,7 @@ def median_and_mad(values: np.ndarray) -> tuple[float, float]:
 
 
 def qc_report(
-    adata: ad.AnnData,
+    obs: pd.DataFrame,
     mode: str,
     limits: dict[str, tuple[str, str, float]],
     failing: dict[str, np.ndarray],
@@ -229,8 +267,8 @@ def qc_report(
         "dropped_by": {name: int(mask.sum()) for name, mask in failing.items()},
         "skipped": skipped,
     }
-    if label_key is not None and label_key in adata.obs:
-        labels = adata.obs[label_key].astype(str).to_numpy()
+    if label_key is not None and label_key in obs:
+        labels = obs[label_key].astype(str).to_numpy()
         names, totals = np.unique(labels, return_counts=True)
         dropped = {str(n): int((~keep & (labels == n)).sum()) for n in names}
         report["dropped_per_class"] = dropped
@@ -283,12 +321,17 @@ def flag_variable_genes(adata: ad.AnnData, n_top_genes: int) -> None:
     than asked for."""
     import scanpy as sc
 
-    if adata.n_vars <= n_top_genes:
-        if adata.n_vars < n_top_genes:
-            logger.warning("only %d genes pass QC, fewer than n_top_genes=%d: keeping them all", adata.n_vars, n_top_genes)
+    if keeps_every_gene(adata.n_vars, n_top_genes):
         adata.var["highly_variable"] = True
         return
     sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes)
+
+
+def keeps_every_gene(n_genes: int, n_top_genes: int) -> bool:
+    """Whether QC left no more genes than n_top_genes (then all are kept, with a warning when fewer)."""
+    if n_genes < n_top_genes:
+        logger.warning("only %d genes pass QC, fewer than n_top_genes=%d: keeping them all", n_genes, n_top_genes)
+    return n_genes <= n_top_genes
 
 
 def split_cells(labels: pd.Series, fractions: dict[str, float], seed: int) -> pd.Categorical:
@@ -352,19 +395,107 @@ def prepare(
     result = result[:, result.var["highly_variable"].to_numpy()].copy()
     result.layers["counts"] = result.X.copy()
     result.obs["split"] = split_cells(result.obs["cell_type"], settings["split"], seed)
-    result.uns["scdgm_prepare"] = {
+    result.uns["scdgm_prepare"] = lineage(settings, seed, n_in, n_qc, result.n_vars, result.obs["split"], qc)
+    return result
+
+
+def lineage(
+    settings: dict[str, Any],
+    seed: int,
+    shape_in: tuple[int, int],
+    shape_qc: tuple[int, int],
+    n_genes_out: int,
+    split: pd.Series,
+    qc: dict[str, Any],
+) -> dict[str, Any]:
+    """uns['scdgm_prepare']: the settings, seed, shapes in / after QC, genes out, split sizes and the QC report."""
+    return {
         "params": settings,
         "seed": seed,
-        "n_cells_in": n_in[0],
-        "n_genes_in": n_in[1],
-        "n_cells_after_qc": n_qc[0],
-        "n_genes_after_qc": n_qc[1],
-        "n_genes_out": result.n_vars,
-        "split_sizes": {s: int((result.obs["split"] == s).sum()) for s in SPLITS},
-        "annotated": label_key is None,
+        "n_cells_in": shape_in[0],
+        "n_genes_in": shape_in[1],
+        "n_cells_after_qc": shape_qc[0],
+        "n_genes_after_qc": shape_qc[1],
+        "n_genes_out": n_genes_out,
+        "split_sizes": {s: int((split == s).sum()) for s in SPLITS},
+        "annotated": settings["label_key"] is None,
         "qc": qc,
     }
-    return result
+
+
+NEEDS_LABELS = (
+    "the input is larger than scale.stream_above_mb ({limit} MB; its counts take {size:.0f} MB), so it is prepared "
+    "a chunk of cells at a time and cannot be annotated by markers (that clusters all cells in memory): give "
+    "--label-key (an obs column with the labels) or raise scale.stream_above_mb to annotate in memory"
+)
+
+
+def prepare_streamed(
+    rows: H5adRows,
+    out: Path,
+    params: dict[str, Any],
+    scale: dict[str, Any],
+    label_key: str | None = None,
+    seed: int = 0,
+    allow_non_integer: bool = False,
+) -> tuple[pd.Series, dict[str, Any]]:
+    """`prepare` of the counts of `rows` written to `out` (X and layers['counts'], float32 CSR), reading
+    `scale['chunk_cells']` cells at a time; returns the kept cells' labels (obs['cell_type']) and the lineage
+    (uns['scdgm_prepare']).
+
+    Labels must be given (`label_key`, else params['label_key']): marker annotation needs all cells in memory.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    settings = resolve_settings(params)
+    label_key = label_key if label_key is not None else settings["label_key"]
+    settings["label_key"] = label_key
+    if label_key is None:
+        raise InputError(NEEDS_LABELS.format(limit=scale["stream_above_mb"], size=rows.stored_mb))
+    names = ad.AnnData(obs=rows.obs, var=rows.var)  # names only: the counts stay on disk
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*names are not unique")
+        _make_unique(names, rows.path)
+    obs, var = names.obs, names.var
+    if label_key not in obs:
+        columns = ", ".join(map(str, obs.columns)) or "none"
+        raise InputError(f"label column {label_key!r} not in obs (columns: {columns})")
+    if rows.n_cells == 0 or rows.n_genes == 0:
+        raise InputError(f"{rows.path}: the count matrix is empty: {rows.n_cells} cells x {rows.n_genes} genes")
+    check_gene_budget(settings["n_top_genes"], rows.n_genes)
+    chunk_cells = int(scale["chunk_cells"])
+
+    mito = mito_genes(var.index)
+    total, n_genes, mito_counts = cell_counts(rows, obs.index, var.index, mito, chunk_cells, allow_non_integer)
+    metrics = cell_metrics(total, n_genes, mito_counts)
+    keep, qc = select_cells(metrics, mito_counts, settings, obs)
+    n_kept = int(keep.sum())
+    detected, sums, squares = gene_moments(rows, keep, chunk_cells)
+    genes = select_genes(detected, settings["min_cells"], n_kept)
+    var = subset(var, genes)
+    if keeps_every_gene(int(genes.sum()), settings["n_top_genes"]):
+        var["highly_variable"] = True
+        uns_hvg: dict[str, Any] = {}
+    else:
+        means, variances = mean_and_variance(sums[genes], squares[genes], n_kept)
+        table = seurat_v3(rows, keep, genes, means, variances, settings["n_top_genes"], chunk_cells)
+        for column in table.columns:
+            var[column] = table[column].to_numpy()
+        uns_hvg = {"hvg": {"flavor": "seurat_v3"}}
+    hvg = var["highly_variable"].to_numpy()
+    columns = np.flatnonzero(genes)[hvg]
+
+    obs = subset(obs, keep)
+    add_metrics(obs, metrics, keep)
+    obs["cell_type"] = pd.Categorical(obs[label_key].astype(str))
+    obs["split"] = split_cells(obs["cell_type"], settings["split"], seed)
+    var = subset(var, hvg)
+    info = lineage(settings, seed, (rows.n_cells, rows.n_genes), (n_kept, int(genes.sum())), int(hvg.sum()),
+                   obs["split"], qc)
+    info["input"] = str(rows.path)
+    write_prepared(rows, out, keep, columns, (obs, var, {**rows.uns(), **uns_hvg, "scdgm_prepare": info}), chunk_cells)
+    return obs["cell_type"], info
 
 
 def prepare_command(
@@ -391,21 +522,31 @@ def prepare_command(
         list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set prepare.min_genes=50.")
     ] = None,
 ) -> None:
-    """Quality-control, label, select genes and split raw counts into a ready-to-train .h5ad."""
+    """Quality-control, label, select genes and split raw counts into a ready-to-train .h5ad; an .h5ad whose counts
+    take more than scale.stream_above_mb is prepared a chunk of cells at a time (`prepare_streamed`)."""
     if params is not None and not params.is_file():
         raise ScdgmError(f"params file not found: {params}")
     config = apply_overrides(load_params(params), overrides)
     section = dict(config.get("prepare") or {})
     if n_top_genes is not None:
         section["n_top_genes"] = n_top_genes
-    adata = read_counts(raw, format=format_, transpose=transpose, allow_non_integer=allow_non_integer)
     seed = int(config.get("seed", 0))
+    scale = scale_settings(config)
+    rows = streamed_counts(raw, format_, transpose, scale)
+    if rows is not None:
+        with rows:
+            labels, info = prepare_streamed(rows, out, section, scale, label_key, seed, allow_non_integer)
+        typer.echo(summary(out, (labels.size, info["n_genes_out"]), labels, info["qc"]))
+        return
+    adata = read_counts(raw, format=format_, transpose=transpose, allow_non_integer=allow_non_integer)
     result = prepare(adata, section, label_key=label_key, seed=seed, allow_non_integer=allow_non_integer)
     result.uns["scdgm_prepare"]["input"] = str(raw)
     path = write_h5ad_atomic(result, out)
-    sizes = result.obs["cell_type"].value_counts()
-    typer.echo(
-        f"wrote {path}: {result.n_obs} cells x {result.n_vars} genes; "
-        + ", ".join(f"{name} {count}" for name, count in sizes.items())
-        + "; " + describe_qc(result.uns["scdgm_prepare"]["qc"])
-    )
+    typer.echo(summary(path, result.shape, result.obs["cell_type"], result.uns["scdgm_prepare"]["qc"]))
+
+
+def summary(path: Path, shape: tuple[int, int], cell_types: pd.Series, qc: dict[str, Any]) -> str:
+    """The one line `scdgm prepare` prints: the file written, its shape, cells per type and what QC dropped."""
+    sizes = cell_types.value_counts()
+    return (f"wrote {path}: {shape[0]} cells x {shape[1]} genes; "
+            + ", ".join(f"{name} {count}" for name, count in sizes.items()) + "; " + describe_qc(qc))

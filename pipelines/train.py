@@ -22,16 +22,27 @@ from scdgm.errors import InputError, ScdgmError
 from scdgm.files import atomic_path, write_json_atomic
 from scdgm.formats import CHAMPION, METRICS_FILE, MODEL_FILES, is_model_directory
 from scdgm.models import MODEL_KINDS, create_model, load_model, model_class
-from scdgm.models.base import EpochCallback, GenerativeModel
+from scdgm.models.base import EpochCallback, GenerativeModel, TrainingHistory
 from scdgm.models.data import split_mask
 from scdgm.models.torch_model import DataParallel
 from scdgm.pipelines import distributed, tracking
 from scdgm.pipelines.cluster import ray_session
 from scdgm.pipelines.config import apply_overrides, load_params
 from scdgm.pipelines.io import read_counts, write_h5ad_atomic
+from scdgm.pipelines.streaming import (
+    SCALE_SECTION,
+    evaluation_cells,
+    scale_settings,
+    streamed_counts,
+    streamed_input,
+    write_embedded,
+    write_posterior_samples,
+)
 
 if TYPE_CHECKING:
     import anndata as ad
+
+    from scdgm.chunked import H5adRows
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +89,22 @@ def train_model(
         distributed.check_parallel_kind(kind)  # a TorchModel from here on
         model.data_parallel = parallel
     history = model.fit(adata, callbacks)
+    return model, evaluated(model, history, adata)
+
+
+def train_model_streamed(
+    kind: str, rows: H5adRows, config: dict[str, Any], params: dict[str, Any], callbacks: Sequence[EpochCallback] = ()
+) -> tuple[GenerativeModel, dict[str, float]]:
+    """`train_model` for a file larger than memory: trained on its counts streamed `scale.chunk_cells` cells at a
+    time, evaluated on a seeded subset of its test and training cells read alone (`evaluation_cells`)."""
+    model = create_model(kind, params)
+    history = model.fit_streamed(streamed_counts(rows, config), rows.obs, callbacks)
+    return model, evaluated(model, history, evaluation_cells(rows, config, int(params.get("seed", 0))))
+
+
+def evaluated(model: GenerativeModel, history: TrainingHistory, adata: ad.AnnData) -> dict[str, float]:
+    """The metrics of a fitted model: held-out ones on the test cells of `adata` (all cells without a test split),
+    the best epoch's losses and how training went; kept in the model's metadata."""
     split = "test" if split_mask(adata, "test").any() else None
     if split is None and "split" in adata.obs:
         logger.warning("obs['split'] has no 'test' cells: evaluating on all cells")
@@ -92,7 +119,7 @@ def train_model(
         stopped_early=float(history.stopped_early),
     )
     model.metadata["metrics"] = metrics
-    return model, metrics
+    return metrics
 
 
 def check_model_dir_target(out: Path, overwrite: bool = False) -> None:
@@ -158,7 +185,7 @@ def train_command(
     data: Annotated[Path, typer.Option("--data", help="Prepared cells (.h5ad) with obs['split'].")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write (with metrics.json).")],
     overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a hyperparameter, e.g. --set n_latent=5.")
+        list[str] | None, typer.Option("--set", help="Override a hyperparameter, e.g. --set n_latent=5; scale.KEY=VALUE sets params.yaml's scale section (streaming).")
     ] = None,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to read (the project's by default).")] = None,
     sweep: Annotated[Path | None, typer.Option("--sweep", help="A `scdgm tune` output folder: train its best configuration of --model (or of its champion) with the sweep's epoch budget.")] = None,
@@ -180,40 +207,65 @@ def train_command(
         model, params = sweep_family(sweep, model)
     elif model == CHAMPION:
         raise InputError("--model champion needs --sweep (the `scdgm tune` output folder whose champion to train)")
-    config = load_params(params)
-    hyperparameters = model_params(model, config, overrides)
+    scale = [o for o in overrides or [] if o.startswith(f"{SCALE_SECTION}.")]  # the params.yaml section, not the model's
+    config = apply_overrides(load_params(params), scale)
+    hyperparameters = model_params(model, config, [o for o in overrides or [] if o not in scale])
     parallel = None if workers is None else distributed.data_parallel(model, workers, address, gpus_per_worker)
     check_model_dir_target(out, overwrite)
-    adata = read_counts(data)
-    lineage = tracking.dataset_lineage(data, adata.n_obs, adata.n_vars)
+    rows = streamed_input(data, config)
+    if rows is not None and workers is not None:
+        raise InputError(f"{data} is streamed from disk (larger than scale.stream_above_mb) and --workers trains on "
+                         "the counts in memory: train it without --workers")
+    adata = read_counts(data) if rows is None else None
+    n_cells, n_genes = adata.shape if rows is None else rows.shape
+    lineage = tracking.dataset_lineage(data, n_cells, n_genes)
     tags = {} if workers is None else {TAG_WORKERS: str(workers)}
     with ray_session(address) if parallel else nullcontext():
         if parallel is not None:
             parallel.check_resources()  # before the run opens: a request the cluster cannot place leaves no run
         with tracking.training_run(model, hyperparameters, lineage, tracking.experiment_name(config), out.name,
                                    tags=tags) as run:
-            fitted, metrics = train_model(model, adata, hyperparameters, [run.epoch_callback], parallel)
+            if rows is None:
+                fitted, metrics = train_model(model, adata, hyperparameters, [run.epoch_callback], parallel)
+            else:
+                fitted, metrics = train_model_streamed(model, rows, config, hyperparameters, [run.epoch_callback])
             if parallel is not None:
                 run.client.set_tag(run.run_id, TAG_NODES, ",".join(parallel.nodes))
             save_model_dir(fitted, metrics, out, overwrite=overwrite)
             run.finish(out, metrics)
     shown = {k: metrics[k] for k in ("best_epoch", "training_seconds", "nll_elbo", "knn_accuracy") if k in metrics}
     placed = "" if parallel is None else f" by {workers} workers on {len(set(parallel.nodes))} node(s)"
-    typer.echo(f"wrote {out}: {model} on {adata.n_obs} cells{placed}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    streamed = "" if rows is None else " (streamed from disk)"
+    typer.echo(f"wrote {out}: {model} on {n_cells} cells{placed}{streamed}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
 
 def embed_command(
     model: Annotated[Path, typer.Option("--model", help="Model directory written by `scdgm train`.")],
     data: Annotated[Path, typer.Option("--data", help="Cells (.h5ad) with the model's genes.")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the cells with obsm['X_scdgm'] (.h5ad).")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set scale.chunk_cells=20000.")
+    ] = None,
 ) -> None:
     """Embed cells: latent means in obsm['X_scdgm'], their variances in obsm['X_scdgm_var']."""
+    config = apply_overrides(load_params(None), overrides)
+    scale_settings(config)  # bad settings before any work
     fitted = _load(model)
+    rows = streamed_input(data, config)
+    uns = {"model": str(model), "kind": fitted.kind, "n_latent": fitted.n_latent}
+    if rows is not None:  # larger than memory: embedded chunk by chunk, written into a copy of the input
+        counts = streamed_counts(rows, config, fitted.genes)
+        counts.validate(rows.obs.index)
+        embedding = fitted.embed_counts(counts, fitted.batch_labels(rows.obs))
+        write_embedded(data, out, embedding, uns)
+        typer.echo(f"wrote {out}: {rows.n_cells} cells embedded in {fitted.n_latent} dimensions by {fitted.kind} "
+                   "(streamed from disk)")
+        return
     adata = read_counts(data)
     embedding = fitted.embed(adata)
     adata.obsm["X_scdgm"] = embedding.mean
     adata.obsm["X_scdgm_var"] = embedding.var
-    adata.uns["scdgm_embed"] = {"model": str(model), "kind": fitted.kind, "n_latent": fitted.n_latent}
+    adata.uns["scdgm_embed"] = uns
     write_h5ad_atomic(adata, out)
     typer.echo(f"wrote {out}: {adata.n_obs} cells embedded in {fitted.n_latent} dimensions by {fitted.kind}")
 
@@ -227,13 +279,26 @@ def sample_command(
     n: Annotated[int | None, typer.Option("--n", min=1, help="Prior samples to draw (default: cells of --data).")] = None,
     draws: Annotated[int, typer.Option(min=1, help="Posterior draws per cell.")] = 1,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the model's).")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a parameter, e.g. --set scale.chunk_cells=20000.")
+    ] = None,
 ) -> None:
     """Draw synthetic cells from a trained model (counts in .X, latents in obsm['X_scdgm'])."""
     if source is SampleSource.posterior and data is None:
         raise InputError("posterior sampling needs the cells to draw for: pass --data")
     if source is SampleSource.prior and n is None and data is None:
         raise InputError("prior sampling needs the number of cells: pass --n")
+    config = apply_overrides(load_params(None), overrides)
+    scale_settings(config)  # bad settings before any work
     fitted = _load(model)
+    rows = streamed_input(data, config) if data is not None and source is SampleSource.posterior else None
+    if rows is not None:  # larger than memory: drawn and written chunk by chunk
+        counts = streamed_counts(rows, config, fitted.genes)
+        counts.validate(rows.obs.index)
+        uns = {"source": "posterior", "model": str(model), "kind": fitted.kind, **({} if seed is None else {"seed": seed})}
+        written = write_posterior_samples(out, fitted, counts, rows.obs, draws, seed, uns)
+        typer.echo(f"wrote {out}: {written} posterior samples from {fitted.kind} (streamed from disk)")
+        return
     adata = read_counts(data) if data is not None else None
     if source is SampleSource.prior:
         samples = fitted.sample(n=n or adata.n_obs, source="prior", seed=seed)

@@ -43,6 +43,7 @@ CLAIMED = {
     ("docs/tracking.md", "## Registry"): "test_docs.py::test_serving_walkthrough_runs_as_written",
     ("docs/tracking.md", "## What a run records"): "test_docs.py::test_pyfunc_example_runs",
     ("docs/tracking.md", "## MLflow Projects and DVC"): "test_mlproject.py::test_documented_mlflow_run_tune_lands_in_the_project",
+    ("docs/scale.md", "## Streaming a file larger than memory"): "test_streaming.py::test_scale_docs_run_as_written",
 }
 """(file, heading) -> the test that executes the command blocks under that heading."""
 

@@ -17,6 +17,7 @@ from scdgm.models.likelihoods import (
     log_poisson,
     log_zinb,
     nb_log_prob,
+    nb_log_prob_from_logits,
     sample_nb,
     sample_poisson,
     sample_zinb,
@@ -102,6 +103,33 @@ def test_fused_nb_gradients_with_and_without_groups():
     rows = torch.tensor([0, 2, 2, 1, 0])
     assert torch.autograd.gradcheck(lambda m, th: nb_log_prob(x, m, th), (log_mu, shared))
     assert torch.autograd.gradcheck(lambda m, th: nb_log_prob(x, m, th, rows), (log_mu, grouped))
+
+
+def test_nb_from_logits_equals_nb_of_log_softmax_with_gradients():
+    """The training path (softmax fused into the NB, gamma terms apart) gives the values and the gradients in
+    the logits, the log library and log theta of `nb_log_prob` on log_softmax(logits) + log library."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.rand(6, 30, generator=generator, dtype=torch.float64) * 8)
+    x[2, 4] = 300.0
+    logits = torch.randn(6, 30, generator=generator, dtype=torch.float64).mul_(3).requires_grad_()
+    log_library = torch.randn(6, generator=generator, dtype=torch.float64).add_(6).requires_grad_()
+    log_theta = torch.randn(1, 30, generator=generator, dtype=torch.float64, requires_grad=True)
+    inputs = (logits, log_library, log_theta)
+    fused = nb_log_prob_from_logits(x, *inputs)
+    plain = log_nb(x, torch.log_softmax(logits, -1) + log_library[:, None], log_theta).sum(-1)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-8)
+    weights = torch.randn(6, generator=generator, dtype=torch.float64)
+    fused_grads = torch.autograd.grad((fused * weights).sum(), inputs)
+    plain_grads = torch.autograd.grad((plain * weights).sum(), inputs)
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
+    likelihood = CountLikelihood("nb", 30)
+    with torch.no_grad():
+        likelihood.log_theta.copy_(log_theta)
+        log_mu = torch.log_softmax(logits, -1) + log_library[:, None]
+        for whole in (True, None):  # fused only when known whole; else log_prob on log_softmax + log library
+            got = likelihood.log_prob_from_logits(x.float(), logits.float(), log_library.float(), whole=whole)
+            torch.testing.assert_close(got, likelihood.log_prob(x.float(), log_mu.float()), rtol=1e-5, atol=1e-3)
 
 
 def _moments(draws: torch.Tensor) -> tuple[float, float]:

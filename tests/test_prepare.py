@@ -303,3 +303,64 @@ def test_cli_end_to_end(tmp_path):
               "--params", str(params)])
     assert failure.value.code == 2
     assert not (tmp_path / "x.h5ad").exists()
+
+
+STREAM = ["--set", "scale.stream_above_mb=0", "--set", "scale.chunk_cells=97"]
+
+
+@pytest.fixture(scope="module")
+def raw_like(tmp_path_factory) -> tuple:
+    """A raw-like .h5ad: simulated programs with MT- genes, 12 dying cells (most reads MT-), an explicit zero,
+    labels in obs and a per-cell obsm; and a params file asking for 150 highly variable genes."""
+    folder = tmp_path_factory.mktemp("stream")
+    data = simulate_programs(700, 400, seed=1)
+    fractions = np.random.default_rng(1).uniform(0.02, 0.06, data.n_obs)
+    fractions[::60] = 0.7
+    raw = with_mito_genes(data, fractions, seed=1)
+    raw.obsm["program_activity"] = data.obsm["program_activity"]
+    raw.uns["source"] = "simulated"
+    raw.X.data[5] = 0  # stored zeros are not detected genes
+    path, params = folder / "raw.h5ad", folder / "params.yaml"
+    raw.write_h5ad(path)
+    params.write_text(yaml.safe_dump({"prepare": {"n_top_genes": 150}}))
+    return folder, path, params
+
+
+def test_streaming_prepare_equals_the_in_memory_one(raw_like):
+    folder, path, params = raw_like
+    outputs = {}
+    for name, extra in (("memory", []), ("stream", STREAM)):
+        outputs[name] = folder / f"{name}.h5ad"
+        main(["prepare", "--input", str(path), "--out", str(outputs[name]), "--label-key", "cell_type",
+              "--params", str(params), *extra])
+    memory, stream = (ad.read_h5ad(outputs[name]) for name in ("memory", "stream"))
+    lineage = memory.uns["scdgm_prepare"]
+    assert lineage["qc"]["cells_dropped"] >= 12 and lineage["n_genes_out"] == 150 < lineage["n_genes_after_qc"]
+    assert list(stream.obs_names) == list(memory.obs_names) and list(stream.var_names) == list(memory.var_names)
+    pd.testing.assert_frame_equal(stream.obs, memory.obs)  # n_genes, total_counts, mito_fraction, cell_type, split
+    pd.testing.assert_frame_equal(stream.var, memory.var)  # highly_variable, its rank, means, variances...
+    for layer in (stream.X, stream.layers["counts"]):
+        assert sp.isspmatrix_csr(layer) and layer.dtype == np.float32 and (layer != memory.X).nnz == 0
+    assert np.array_equal(stream.obsm["program_activity"], memory.obsm["program_activity"])
+    assert sorted(stream.uns) == sorted(memory.uns) == ["hvg", "scdgm_prepare", "source"]
+    assert stream.uns["scdgm_prepare"].keys() == lineage.keys()
+    for key, value in lineage.items():
+        assert str(stream.uns["scdgm_prepare"][key]) == str(value), key  # str: arrays read back inside dicts
+
+
+def test_streaming_prepare_needs_labels_and_names_a_bad_count(raw_like, capsys):
+    folder, path, params = raw_like
+    with pytest.raises(SystemExit) as failure:
+        main(["prepare", "--input", str(path), "--out", str(folder / "x.h5ad"), "--params", str(params), *STREAM])
+    assert failure.value.code == 2
+    assert "give --label-key (an obs column with the labels) or raise scale.stream_above_mb" in capsys.readouterr().err
+    bad = ad.read_h5ad(path)
+    bad.X.data[bad.X.indptr[500]] = 2.5  # in the sixth chunk of 97 cells
+    bad.write_h5ad(folder / "bad.h5ad")
+    with pytest.raises(SystemExit) as failure:
+        main(["prepare", "--input", str(folder / "bad.h5ad"), "--out", str(folder / "x.h5ad"), "--label-key",
+              "cell_type", "--params", str(params), *STREAM])
+    assert failure.value.code == 2
+    message = capsys.readouterr().err
+    assert "bad.h5ad" in message and f"cell {bad.obs_names[500]!r}, gene {bad.var_names[bad.X.indices[bad.X.indptr[500]]]!r}" in message
+    assert not (folder / "x.h5ad").exists()

@@ -6,7 +6,9 @@ import scipy.sparse as sp
 
 from scdgm.errors import InputError
 from scdgm.pipelines.cli import main
-from scdgm.pipelines.simulate import simulate_binary, simulate_programs
+from scdgm.pipelines.config import load_params
+from scdgm.pipelines.prepare import prepare
+from scdgm.pipelines.simulate import BLOCK_CELLS, MT_GENES, simulate_binary, simulate_programs, simulate_raw
 
 
 def assert_sparse_counts(adata: ad.AnnData) -> None:
@@ -124,8 +126,89 @@ def test_cli_writes_h5ad(tmp_path):
     assert ad.read_h5ad(out).shape == (1000, 30)
     out = tmp_path / "programs.h5ad"
     main(["data", "simulate", "--n-cells", "50", "--n-genes", "300", "--n-programs", "6", "--out", str(out)])
-    assert ad.read_h5ad(out).var["program"].max() == 5
+    written = ad.read_h5ad(out)
+    assert written.var["program"].max() == 5
+    assert written.obs["split"].value_counts().to_dict() == {"train": 40, "validation": 5, "test": 5}  # as prepare
     with pytest.raises(SystemExit) as failure:
         main(["data", "simulate", "--kind", "binary", "--n-genes", "4", "--out", str(tmp_path / "x.h5ad")])
     assert failure.value.code == 2
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def same_file(a: ad.AnnData, b: ad.AnnData) -> bool:
+    """Identical counts, annotations, truth and simulation record."""
+    record_a, record_b = a.uns["simulation"], b.uns["simulation"]
+    return (
+        same_data(a, b)
+        and record_a.keys() == record_b.keys()
+        and all(np.array_equal(record_a[key], record_b[key]) for key in record_a)
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, shape, options, chunk_cells",
+    [
+        ("programs", (700, 300), ["--zero-inflation", "0.2", "--n-batches", "2", "--batch-effect", "0.3"], 130),
+        ("raw", (2 * BLOCK_CELLS + 300, 2000), [], BLOCK_CELLS),
+    ],
+)
+def test_streamed_file_equals_in_memory(tmp_path, kind, shape, options, chunk_cells):
+    """Forced streaming (any chunk size) writes the same data as the in-memory path."""
+    command = ["data", "simulate", "--kind", kind, "--n-cells", str(shape[0]), "--n-genes", str(shape[1]),
+               "--seed", "3", *options]
+    main([*command, "--out", str(tmp_path / "memory.h5ad")])
+    main([*command, "--out", str(tmp_path / "streamed.h5ad"), "--set", "scale.stream_above_mb=0",
+          "--set", f"scale.chunk_cells={chunk_cells}"])
+    memory, streamed = ad.read_h5ad(tmp_path / "memory.h5ad"), ad.read_h5ad(tmp_path / "streamed.h5ad")
+    assert memory.shape == shape
+    assert_sparse_counts(streamed)
+    assert same_file(memory, streamed)
+    assert not any(path.name.startswith(".") for path in tmp_path.iterdir())  # no staging file left
+
+
+def test_simulate_set_takes_only_scale(tmp_path):
+    with pytest.raises(SystemExit) as failure:
+        main(["data", "simulate", "--out", str(tmp_path / "x.h5ad"), "--set", "prepare.min_genes=3"])
+    assert failure.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["data", "simulate", "--out", str(tmp_path / "x.h5ad"), "--set", "scale.chunk_cells=0"])
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+@pytest.fixture(scope="module")
+def raw() -> ad.AnnData:
+    return simulate_raw(1500, 30000, seed=2)
+
+
+def test_raw_looks_like_droplet_counts(raw):
+    assert_sparse_counts(raw)
+    assert list(raw.var_names[-len(MT_GENES):]) == list(MT_GENES)
+    assert sum(name.startswith("MT-") for name in raw.var_names) == 13
+    total = np.asarray(raw.X.sum(axis=1)).ravel()
+    detected = np.diff(raw.X.indptr)
+    mito = np.asarray(raw.X[:, -len(MT_GENES):].sum(axis=1)).ravel() / total
+    damaged = raw.obs["low_quality"].to_numpy()
+    assert 0.01 < damaged.mean() < 0.06
+    assert 1700 < np.median(total[~damaged]) < 2300
+    assert 750 < np.median(detected[~damaged]) < 950
+    assert 0.02 < np.median(mito[~damaged]) < 0.04 and np.median(mito[damaged]) > 0.2
+    assert np.median(detected[damaged]) < 0.3 * np.median(detected[~damaged])
+    codes = raw.obs["cell_type"].cat.codes.to_numpy()
+    normalised = raw.X.multiply(1.0 / total[:, None]).tocsc()
+    for t in range(5):  # each type's program is up in that type
+        genes = (raw.var["program"] == t).to_numpy()
+        assert normalised[codes == t][:, genes].mean() > 4 * normalised[codes != t][:, genes].mean()
+
+
+def test_raw_is_prepare_input(raw):
+    """Default MAD QC drops the damaged cells and spares the others; the program genes are highly variable."""
+    result = prepare(raw, dict(load_params()["prepare"]), label_key="cell_type", seed=0)
+    kept = raw.obs_names.isin(result.obs_names)
+    damaged = raw.obs["low_quality"].to_numpy()
+    assert kept[damaged].mean() < 0.1 and kept[~damaged].mean() > 0.98
+    assert result.n_vars == 2000 and (result.var["program"] >= 0).sum() > 0.9 * 175
+
+
+def test_raw_rejects_impossible_designs():
+    with pytest.raises(InputError, match="MT- genes need"):
+        simulate_raw(10, 150, n_programs=5, genes_per_program=30)

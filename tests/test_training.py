@@ -77,6 +77,18 @@ def test_fit_batches_carry_that_counts_are_whole():
     assert next(iter(model._batches(counts, None, shuffle=True))).whole is True
 
 
+def test_shuffled_batches_carry_the_log1p_of_their_counts():
+    """Training's shuffled batches take log1p(x) from a copy made once for the data set; batches in order
+    compute it; either way the encoder input is log1p(x)."""
+    counts = sp.random(30, 8, density=0.4, format="csr", dtype=np.float32, random_state=0) * 9
+    counts.data = np.floor(counts.data)
+    for batch in CountBatches(counts, batch_size=7, shuffle=True):
+        assert batch.log_x is not None
+        torch.testing.assert_close(batch.encoder_input(), torch.log1p(batch.x), rtol=0, atol=0)
+    batch = next(iter(CountBatches(counts, batch_size=7)))
+    assert batch.log_x is None and torch.equal(batch.encoder_input(), torch.log1p(batch.x))
+
+
 def test_training_never_imports_torch_dynamo():
     """torch.optim imports torch._dynamo (seconds) the first time an optimizer is built or stepped: a fit must
     not, so short runs do not stall."""
