@@ -440,8 +440,9 @@ class StreamedCounts:
         source) and gene."""
         if self.shape[0] == 0 or self.shape[1] == 0:
             raise InputError(f"the count matrix is empty: {self.shape[0]} cells x {self.shape[1]} genes")
+        obs_names = np.asarray(obs_names)
         for start, chunk in self.chunks():
-            names = pd.Index(np.asarray(obs_names)[self.rows[start : start + chunk.shape[0]]])
+            names = pd.Index(obs_names[self.rows[start : start + chunk.shape[0]]])
             cells = ad.AnnData(X=chunk, obs=pd.DataFrame(index=names.astype(str)), var=pd.DataFrame(index=self.genes))
             validate_counts(cells, allow_non_integer, non_integer_hint=hint)
 

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from scdgm.errors import InputError
@@ -37,7 +36,6 @@ from scdgm.models.data import (
     CountBatches,
     Counts,
     StreamBatches,
-    StreamedCounts,
     check_device,
     make_batches,
     model_counts,
@@ -104,7 +102,7 @@ class DataParallel(Protocol):
     def fit(
         self,
         model: TorchModel,
-        counts: sp.csr_matrix,
+        counts: Counts,
         codes: np.ndarray | None,
         train: np.ndarray,
         validation: np.ndarray,
@@ -158,9 +156,6 @@ class TorchModel(GenerativeModel):
         if labels is not None:
             self.batch_categories = sorted(set(labels.tolist()))
         codes = self.batch_codes(labels, counts.shape[0])
-        if self.data_parallel is not None and isinstance(counts, StreamedCounts):
-            raise InputError("data-parallel training (--workers) reads the counts into memory; these are streamed "
-                             "from disk (larger than scale.stream_above_mb): train with one worker")
         train_counts = subset_counts(counts, train)
         self.module = self.build_module(len(self.genes), len(self.batch_categories), train_counts).to(device)
         train_batches = self._batches(train_counts, codes, train, shuffle=True)

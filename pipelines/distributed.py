@@ -6,7 +6,9 @@ loop's `optimize`, so a WGAN's two updates per step are averaged alike). All cop
 same epoch.
 
 The driver builds and initialises the module from all training cells (as single-process training does), sends
-it with each worker's shard through Ray's object store (no shared file system needed), and gets rank 0's best
+it with each worker's shard through Ray's object store (no shared file system needed; counts streamed from an
+.h5ad travel as the file's path and the shard's rows, and each worker reads its own cells from the file, which
+must then be at the same path on every node), and gets rank 0's best
 weights, history and the workers' nodes back as its return value; it saves the model itself. `batch_size` stays
 the size of one update over all workers (each takes `batch_size / N` cells), so a configuration means the same
 with any number of workers.
@@ -25,7 +27,6 @@ import numpy as np
 import ray
 import ray.train
 import ray.train.torch
-import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
@@ -36,7 +37,7 @@ from safetensors.torch import save as save_tensors
 from scdgm.errors import InputError, ScdgmError
 from scdgm.models import MODEL_KINDS, model_class
 from scdgm.models.base import EpochCallback, TrainingHistory
-from scdgm.models.data import CountBatches
+from scdgm.models.data import CountBatches, Counts, StreamBatches, make_batches, subset_counts
 from scdgm.models.torch_model import TorchModel
 from scdgm.models.training import seed_everything
 from scdgm.pipelines.cluster import check_reachable, remove_folder
@@ -85,11 +86,12 @@ def worker_seed(seed: int, rank: int) -> int:
 
 @dataclass
 class Shard:
-    """One worker's cells: training and validation counts (model gene order) and their batch codes."""
+    """One worker's cells: training and validation counts (model gene order; in memory or streamed) and their
+    batch codes."""
 
-    train: sp.csr_matrix
+    train: Counts
     train_codes: np.ndarray | None
-    validation: sp.csr_matrix
+    validation: Counts
     validation_codes: np.ndarray | None
 
 
@@ -135,8 +137,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     seed_everything(seed)
     model.module.to(device)
 
-    def batches(counts: sp.csr_matrix, codes: np.ndarray | None, shuffle: bool) -> CountBatches:
-        return CountBatches(counts, batch_codes=codes, batch_size=config["batch_size"], shuffle=shuffle, seed=seed,
+    def batches(counts: Counts, codes: np.ndarray | None, shuffle: bool) -> CountBatches | StreamBatches:
+        return make_batches(counts, batch_codes=codes, batch_size=config["batch_size"], shuffle=shuffle, seed=seed,
                             device=device, drop_last=shuffle)
 
     validation = batches(shard.validation, shard.validation_codes, False) if shard.validation.shape[0] else None
@@ -177,7 +179,7 @@ class RayDataParallel:
     def fit(
         self,
         model: TorchModel,
-        counts: sp.csr_matrix,
+        counts: Counts,
         codes: np.ndarray | None,
         train: np.ndarray,
         validation: np.ndarray,
@@ -187,7 +189,8 @@ class RayDataParallel:
         callbacks then see each epoch's metrics in turn (the workers do not call back while they train)."""
         self.check_resources()
         refs = [
-            ray.put(Shard(counts[t], None if codes is None else codes[t], counts[v], None if codes is None else codes[v]))
+            ray.put(Shard(subset_counts(counts, t), None if codes is None else codes[t], subset_counts(counts, v),
+                          None if codes is None else codes[v]))
             for t, v in shard_cells(train, validation, self.workers, model.config.seed)
         ]
         replica = copy.copy(model)

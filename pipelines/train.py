@@ -93,11 +93,20 @@ def train_model(
 
 
 def train_model_streamed(
-    kind: str, rows: H5adRows, config: dict[str, Any], params: dict[str, Any], callbacks: Sequence[EpochCallback] = ()
+    kind: str,
+    rows: H5adRows,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    callbacks: Sequence[EpochCallback] = (),
+    parallel: DataParallel | None = None,
 ) -> tuple[GenerativeModel, dict[str, float]]:
     """`train_model` for a file larger than memory: trained on its counts streamed `scale.chunk_cells` cells at a
-    time, evaluated on a seeded subset of its test and training cells read alone (`evaluation_cells`)."""
+    time (with `parallel`, each worker reads its shard from the file), evaluated on a seeded subset of its test and
+    training cells read alone (`evaluation_cells`)."""
     model = create_model(kind, params)
+    if parallel is not None:
+        distributed.check_parallel_kind(kind)
+        model.data_parallel = parallel
     history = model.fit_streamed(streamed_counts(rows, config), rows.obs, callbacks)
     return model, evaluated(model, history, evaluation_cells(rows, config, int(params.get("seed", 0))))
 
@@ -213,9 +222,6 @@ def train_command(
     parallel = None if workers is None else distributed.data_parallel(model, workers, address, gpus_per_worker)
     check_model_dir_target(out, overwrite)
     rows = streamed_input(data, config)
-    if rows is not None and workers is not None:
-        raise InputError(f"{data} is streamed from disk (larger than scale.stream_above_mb) and --workers trains on "
-                         "the counts in memory: train it without --workers")
     adata = read_counts(data) if rows is None else None
     n_cells, n_genes = adata.shape if rows is None else rows.shape
     lineage = tracking.dataset_lineage(data, n_cells, n_genes)
@@ -228,7 +234,8 @@ def train_command(
             if rows is None:
                 fitted, metrics = train_model(model, adata, hyperparameters, [run.epoch_callback], parallel)
             else:
-                fitted, metrics = train_model_streamed(model, rows, config, hyperparameters, [run.epoch_callback])
+                fitted, metrics = train_model_streamed(model, rows, config, hyperparameters, [run.epoch_callback],
+                                                       parallel)
             if parallel is not None:
                 run.client.set_tag(run.run_id, TAG_NODES, ",".join(parallel.nodes))
             save_model_dir(fitted, metrics, out, overwrite=overwrite)

@@ -43,6 +43,7 @@ class H5adRows:
 
     def __init__(self, path: str | Path, layer: str | None = None) -> None:
         self.path = Path(path)
+        self.layer = layer
         try:
             self.file = h5py.File(self.path, "r")
         except (OSError, ValueError) as exc:
@@ -118,6 +119,14 @@ class H5adRows:
 
     def close(self) -> None:
         self.file.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as its path and layer (e.g. to a Ray worker): the copy opens the file where it lands, which
+        must see it at the same path."""
+        return {"path": str(self.path), "layer": self.layer}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["layer"])
 
     def __enter__(self) -> H5adRows:
         return self

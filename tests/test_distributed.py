@@ -117,6 +117,17 @@ def test_the_cli_trains_on_the_cluster_with_two_workers_the_same_model(trained, 
     assert run.info.status == "FINISHED" and len(set(run.data.tags[TAG_NODES].split(","))) == 2
 
 
+def test_two_workers_read_their_shards_of_a_streamed_file(trained, cluster, data_file, tmp_path, capsys):
+    """A file streamed from disk (forced on these few cells): each worker reads its own shard from the file."""
+    out = tmp_path / "streamed"
+    settings = [arg for override in OVERRIDES for arg in ("--set", override)]
+    main(["train", "--model", "vae", "--data", str(data_file), "--out", str(out), "--workers", "2",
+          "--address", cluster.address, *settings, "--set", "scale.stream_above_mb=0", "--set", "scale.chunk_cells=100"])
+    assert "by 2 workers on 2 node(s) (streamed from disk)" in capsys.readouterr().out
+    streamed, in_memory = load_model(str(out)).metadata["metrics"]["nll_elbo"], trained[2][1]["nll_elbo"]
+    assert abs(streamed - in_memory) / abs(in_memory) < 2 * TOLERANCE  # other batches: blocks of cells from disk
+
+
 def test_impossible_requests_exit_2_with_one_line(cluster, data_file, tmp_path, capsys):
     base = ["train", "--model", "vae", "--data", str(data_file), "--out", str(tmp_path / "m")]
     refusals = {
