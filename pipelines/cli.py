@@ -142,7 +142,13 @@ def project_option(
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+_received: list[int] = []
+"""The stop signals received while `stop_on_signals` is active, so that a Terminated which a library turned into
+another error (pydantic wraps what is raised while it builds a schema) still ends the command as a stop."""
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise Terminated(signum)
 
 
@@ -153,6 +159,7 @@ def stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received.clear()
     previous = {signum: signal.signal(signum, _raise_terminated) for signum in STOP_SIGNALS}
     try:
         yield
@@ -197,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last line of defence: never a traceback for the user
         if debug:
             raise
+        if _received:  # a stop signal, whose Terminated a library wrapped in an error of its own
+            stopped = Terminated(_received[-1])
+            typer.echo(f"scdgm: {stopped}", err=True)
+            sys.exit(stopped.exit_code)
         typer.echo(f"internal error: {exc.__class__.__name__}: {exc} (set SCDGM_DEBUG=1 for details)", err=True)
         sys.exit(1)
     if isinstance(code, int) and code:  # without standalone mode Typer returns an Exit's code (Ctrl+C: 130)
