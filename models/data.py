@@ -277,7 +277,7 @@ class CountBatches:
         if counts.shape[0] == 0:
             raise InputError("no cells to batch")
         self.device = torch.device(device)
-        self.n_cells = counts.shape[0]
+        self.n_cells, self.n_genes = counts.shape
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_last = drop_last and self.n_cells > self.batch_size
@@ -492,7 +492,7 @@ class StreamBatches:
         whole: bool | None = None,
     ) -> None:
         self.counts = counts
-        self.n_cells = counts.shape[0]
+        self.n_cells, self.n_genes = counts.shape
         if self.n_cells == 0:
             raise InputError("no cells to batch")
         self.device = torch.device(device)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from scdgm.errors import ScdgmError
 from scdgm.models.base import EpochCallback, TrainingHistory
 from scdgm.models.data import Batch, CountBatches
+from scdgm.models.nn import step_threads
 
 
 class TrainingDiverged(ScdgmError):
@@ -283,38 +284,39 @@ def fit_module(
     monitor = config.monitor if validation_batches is not None else config.monitor.replace("validation_", "train_")
     started = time.perf_counter()
     bar = tqdm(range(config.max_epochs), desc=config.description, disable=not config.progress, leave=False)
-    try:
-        for epoch in bar:
-            ctx.epoch = epoch
-            metrics = _run_epoch(module, train_batches, ctx, training=True)
-            if validation_batches is not None:
-                metrics.update(_run_epoch(module, validation_batches, ctx, training=False))
-            if monitor not in metrics:
-                raise ScdgmError(f"monitored metric {monitor!r} not reported; got {sorted(metrics)}")
-            metrics["lr"] = optimizers[0].param_groups[0]["lr"]
-            metrics["epoch"] = epoch
-            history.epochs.append(metrics)
-            value = metrics[monitor]
-            if epoch < config.min_epochs:
-                pass  # the objective still changes with the schedule: no epoch of the warm-up is a candidate
-            elif value < best_value - config.min_delta:
-                best_value, waited, history.best_epoch = value, 0, epoch
-                best_state = copy.deepcopy(module.state_dict())
-            else:
-                waited += 1
-            if epoch >= config.min_epochs:
-                for scheduler in schedulers:
-                    scheduler.step(value)
-            bar.set_postfix({monitor: f"{value:.4g}"})
-            for callback in callbacks:
-                callback(epoch, metrics)
-            if waited >= config.patience:
-                history.stopped_early = True
-                break
-    except StopTraining:
-        history.stopped_early = True
-    finally:
-        bar.close()
+    with step_threads(train_batches.batch_size * train_batches.n_genes, train_batches.device):
+        try:
+            for epoch in bar:
+                ctx.epoch = epoch
+                metrics = _run_epoch(module, train_batches, ctx, training=True)
+                if validation_batches is not None:
+                    metrics.update(_run_epoch(module, validation_batches, ctx, training=False))
+                if monitor not in metrics:
+                    raise ScdgmError(f"monitored metric {monitor!r} not reported; got {sorted(metrics)}")
+                metrics["lr"] = optimizers[0].param_groups[0]["lr"]
+                metrics["epoch"] = epoch
+                history.epochs.append(metrics)
+                value = metrics[monitor]
+                if epoch < config.min_epochs:
+                    pass  # the objective still changes with the schedule: no epoch of the warm-up is a candidate
+                elif value < best_value - config.min_delta:
+                    best_value, waited, history.best_epoch = value, 0, epoch
+                    best_state = copy.deepcopy(module.state_dict())
+                else:
+                    waited += 1
+                if epoch >= config.min_epochs:
+                    for scheduler in schedulers:
+                        scheduler.step(value)
+                bar.set_postfix({monitor: f"{value:.4g}"})
+                for callback in callbacks:
+                    callback(epoch, metrics)
+                if waited >= config.patience:
+                    history.stopped_early = True
+                    break
+        except StopTraining:
+            history.stopped_early = True
+        finally:
+            bar.close()
     if best_state is not None:
         module.load_state_dict(best_state)
     history.seconds = time.perf_counter() - started

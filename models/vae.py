@@ -31,7 +31,7 @@ from scdgm.models.base import (
 )
 from scdgm.models.data import Batch, Counts, count_chunks, split_mask
 from scdgm.models.likelihoods import CountLikelihood, LibraryPrior, gaussian_kl, log_normal_density
-from scdgm.models.nn import mlp, with_batch
+from scdgm.models.nn import Linear, mlp, with_batch
 from scdgm.models.torch_model import TorchCountEncoder, TrainConfig
 from scdgm.models.training import Adam, StepContext
 
@@ -99,7 +99,7 @@ class Encoder(nn.Module):
         self.n_batches = n_batches
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
         self.trunk = mlp(n_genes + n_batches, [n_hidden] * n_layers, dropout=dropout, batch_norm=batch_norm)
-        self.head = nn.Linear(n_hidden, n_out)
+        self.head = Linear(n_hidden, n_out)
 
     def forward(self, x: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:
         return self.head(self.trunk(with_batch(self.input_dropout(x), batch_index, self.n_batches)))
@@ -117,11 +117,11 @@ class Decoder(nn.Module):
         self.trunk = mlp(n_latent + n_batches, hidden, batch_norm=batch_norm)
         width = hidden[-1] if hidden else n_latent + n_batches
         normalised = batch_norm and not hidden
-        layers: list[nn.Module] = [nn.Linear(width, n_genes, bias=not normalised)]
+        layers: list[nn.Module] = [Linear(width, n_genes, bias=not normalised)]
         if normalised:
             layers.append(nn.BatchNorm1d(n_genes, momentum=0.01, eps=1e-3))
         self.head = nn.Sequential(*layers)
-        self.zero_head = nn.Linear(width, n_genes) if zero_head else None
+        self.zero_head = Linear(width, n_genes) if zero_head else None
 
     def forward(self, z: torch.Tensor, batch_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.trunk(with_batch(z, batch_index, self.n_batches))

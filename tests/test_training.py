@@ -1,8 +1,10 @@
 """The training loop's own pieces: Adam and the plateau rule equal torch.optim's, clipping caps the gradient,
-a non-finite loss stops training, fit's batches know their counts are whole, and no torch._dynamo import (the first-step stall)."""
+a non-finite loss stops training, fit's batches know their counts are whole, no torch._dynamo import (the first-step stall),
+and the thread plan of a small CPU step (elementwise work on one thread, products on all)."""
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 
 from scdgm.models import create_model
 from scdgm.models.data import CountBatches
+from scdgm.models.nn import ENTRIES_PER_THREAD, Linear, step_threads
 from scdgm.models.training import Adam, LoopConfig, Plateau, StepContext, TrainingDiverged
 
 
@@ -104,3 +107,48 @@ print(json.dumps("torch._dynamo" in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) is False
+
+
+def test_step_threads_run_small_steps_on_one_thread_and_products_on_all(monkeypatch):
+    """With sleeping threads (the CLI's and these tests' OMP_WAIT_POLICY=PASSIVE), a step of 128 x 2,000 entries runs
+    on one thread while `Linear`'s products are split over helper threads: values and gradients (input and
+    weights, or weights alone) equal nn.Linear's, the same on every run. Large steps, spinning threads and GPUs
+    keep every thread; the count is restored and the helpers stopped, also after an error."""
+    assert torch.get_num_threads() == 2
+    ours = Linear(2000, 128)
+    theirs = nn.Linear(2000, 128)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(128, 2000, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for input_grad in (True, False, True):
+        ours.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_(input_grad)
+        with step_threads(128 * 2000, torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            got = ours(inputs)
+            got.square().sum().backward()
+            assert torch.get_num_threads() == 1
+            assert any(t.name.startswith("scdgm-products") for t in threading.enumerate())
+        runs.append((got, ours.weight.grad, ours.bias.grad, inputs.grad))
+    assert torch.get_num_threads() == 2
+    assert not any(t.name.startswith("scdgm-products") for t in threading.enumerate())
+    reference = x.clone().requires_grad_(True)
+    expected = theirs(reference)
+    expected.square().sum().backward()
+    for got, weight_grad, bias_grad, _ in runs:
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(weight_grad, theirs.weight.grad)
+        torch.testing.assert_close(bias_grad, theirs.bias.grad)
+    torch.testing.assert_close(runs[0][3], reference.grad)
+    assert runs[1][3] is None
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))  # the same on every run
+    for entries, device in ((4 * ENTRIES_PER_THREAD, "cpu"), (128 * 2000, "cuda")):
+        with step_threads(entries, torch.device(device)):
+            assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with step_threads(128 * 2000, torch.device("cpu")):
+        assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with pytest.raises(ValueError, match="stop"), step_threads(128 * 2000, torch.device("cpu")):
+        raise ValueError("stop")
+    assert torch.get_num_threads() == 2
