@@ -94,7 +94,10 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad
         grad_x = grad_weight = None
-        if need_x and need_weight:  # the two products side by side
+        if torch.is_grad_enabled():  # create_graph (e.g. a gradient penalty): products autograd can differentiate
+            grad_x = grad @ weight if need_x else None
+            grad_weight = grad.t() @ x if need_weight else None
+        elif need_x and need_weight:  # the two products side by side
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
             _together([partial(torch.mm, grad, weight, out=grad_x), partial(torch.mm, grad.t(), x, out=grad_weight)])

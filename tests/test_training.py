@@ -152,3 +152,22 @@ def test_step_threads_run_small_steps_on_one_thread_and_products_on_all(monkeypa
     with pytest.raises(ValueError, match="stop"), step_threads(128 * 2000, torch.device("cpu")):
         raise ValueError("stop")
     assert torch.get_num_threads() == 2
+
+
+def test_linear_in_step_threads_takes_second_derivatives_like_nn_linear():
+    """A gradient penalty (the WGAN critic's) differentiates the input gradient again: through `Linear` inside
+    `step_threads` it gives nn.Linear's weight gradients."""
+    ours = Linear(2000, 64)
+    theirs = nn.Linear(2000, 64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(128, 2000, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for layer, planned in ((ours, True), (theirs, False)):
+        inputs = x.clone().requires_grad_(True)
+        with step_threads(128 * 2000 if planned else 1 << 30, torch.device("cpu")):
+            score = torch.tanh(layer(inputs)).sum()
+            (input_grad,) = torch.autograd.grad(score, inputs, create_graph=True)
+            input_grad.norm(dim=1).sub(1).square().mean().backward()
+        grads.append(layer.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
