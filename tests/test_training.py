@@ -109,7 +109,16 @@ print(json.dumps("torch._dynamo" in sys.modules))
     assert json.loads(result.stdout.strip().splitlines()[-1]) is False
 
 
-def test_step_threads_run_small_steps_on_one_thread_and_products_on_all(monkeypatch):
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (others, e.g. in-process serving, may have left another count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_step_threads_run_small_steps_on_one_thread_and_products_on_all(monkeypatch, two_threads):
     """With sleeping threads (the CLI's and these tests' OMP_WAIT_POLICY=PASSIVE), a step of 128 x 2,000 entries runs
     on one thread while `Linear`'s products are split over helper threads: values and gradients (input and
     weights, or weights alone) equal nn.Linear's, the same on every run. Large steps, spinning threads and GPUs
@@ -154,7 +163,7 @@ def test_step_threads_run_small_steps_on_one_thread_and_products_on_all(monkeypa
     assert torch.get_num_threads() == 2
 
 
-def test_linear_in_step_threads_takes_second_derivatives_like_nn_linear():
+def test_linear_in_step_threads_takes_second_derivatives_like_nn_linear(two_threads):
     """A gradient penalty (the WGAN critic's) differentiates the input gradient again: through `Linear` inside
     `step_threads` it gives nn.Linear's weight gradients."""
     ours = Linear(2000, 64)
@@ -165,6 +174,7 @@ def test_linear_in_step_threads_takes_second_derivatives_like_nn_linear():
     for layer, planned in ((ours, True), (theirs, False)):
         inputs = x.clone().requires_grad_(True)
         with step_threads(128 * 2000 if planned else 1 << 30, torch.device("cpu")):
+            assert torch.get_num_threads() == (1 if planned else 2)
             score = torch.tanh(layer(inputs)).sum()
             (input_grad,) = torch.autograd.grad(score, inputs, create_graph=True)
             input_grad.norm(dim=1).sub(1).square().mean().backward()
