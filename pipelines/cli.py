@@ -29,7 +29,7 @@ import typer.core
 # Spinning OpenMP threads make 2-thread torch 25-50x slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scdgm.errors import ScdgmError, Terminated  # noqa: E402
+from scdgm.errors import ScdgmError, Terminated, raise_terminated  # noqa: E402
 from scdgm.project import PROJECT_ENV, use_project  # noqa: E402
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -149,7 +149,7 @@ another error (pydantic wraps what is raised while it builds a schema) still end
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     _received.append(signum)
-    raise Terminated(signum)
+    raise_terminated(signum, frame)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import yaml
 
 import scdgm
-from scdgm.errors import ScdgmError, Terminated
+from scdgm.errors import ScdgmError, Terminated, uninterrupted
 from scdgm.files import write_json_atomic
 from scdgm.formats import RUN_RECORD, WEIGHTS_FILE
 from scdgm.pipelines import pyfunc
@@ -164,6 +164,7 @@ def dataset_lineage(path: str | Path, n_obs: int, n_vars: int) -> DataLineage:
     return DataLineage(str(path), _file_md5(path), "computed", n_obs, n_vars)
 
 
+@uninterrupted()
 def log_lineage(mlflow_client: MlflowClient, run_id: str, lineage: DataLineage) -> None:
     """Record the data as run params and as an MLflow dataset input (name, digest, local source path)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -185,6 +186,7 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
+@uninterrupted()
 def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """Log a (nested) configuration as flattened, dotted params, in batches MLflow accepts."""
     from mlflow.entities import Param
@@ -194,6 +196,7 @@ def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any])
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
+@uninterrupted()
 def log_metrics(mlflow_client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
     """Log the finite numeric entries of `metrics` at `step` in one call."""
     import math
@@ -297,6 +300,7 @@ class TrainingRun:
         return record
 
 
+@uninterrupted()
 def start_run(
     mlflow_client: MlflowClient,
     experiment: str,
@@ -339,9 +343,11 @@ def ending_run(mlflow_client: MlflowClient, run_id: str) -> Iterator[str]:
     try:
         yield run_id
     except BaseException as error:
-        mlflow_client.set_terminated(run_id, end_status(error))
+        with uninterrupted():
+            mlflow_client.set_terminated(run_id, end_status(error))
         raise
-    mlflow_client.set_terminated(run_id, "FINISHED")
+    with uninterrupted():
+        mlflow_client.set_terminated(run_id, "FINISHED")
 
 
 @contextmanager
@@ -369,6 +375,7 @@ def training_run(
         yield TrainingRun(mlflow_client, run_id, uri)
 
 
+@uninterrupted()
 def close_open_runs(mlflow_client: MlflowClient, run_ids: list[str], status: str) -> None:
     """Set every run of `run_ids` still RUNNING (or SCHEDULED) to `status`; closed runs are left alone."""
     for run_id in run_ids:
@@ -392,10 +399,11 @@ def linked_run(record: RunRecord, role: str, tags: dict[str, str] | None = None)
     all_tags = {TAG_ROLE: role, TAG_MODEL_RUN: record.run_id, MLFLOW_PARENT_RUN_ID: record.run_id,
                 **lineage_tags(), **(tags or {})}
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        for key, value in all_tags.items():
-            mlflow_client.set_tag(run_id, key, value)
-    else:
-        run_id = mlflow_client.create_run(record.experiment_id, tags=all_tags, run_name=role).info.run_id
+    with uninterrupted():
+        if run_id:
+            for key, value in all_tags.items():
+                mlflow_client.set_tag(run_id, key, value)
+        else:
+            run_id = mlflow_client.create_run(record.experiment_id, tags=all_tags, run_name=role).info.run_id
     with ending_run(mlflow_client, run_id):
         yield mlflow_client, run_id

@@ -21,7 +21,8 @@ import optuna
 import pytest
 from tracking_helpers import isolated_tracking, tiny_params, write_tiny_prepared
 
-from scdgm.pipelines.cli import main
+from scdgm.errors import Terminated, uninterrupted
+from scdgm.pipelines.cli import main, stop_on_signals
 
 SCDGM = str(Path(sys.executable).with_name("scdgm"))
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -176,3 +177,15 @@ def test_serve_shuts_down_with_the_signals_code(project, tmp_path, mode, signum)
     wait_for(process, healthy)
     stop(process, signum)
     assert not healthy()
+
+
+def test_a_stop_signal_waits_for_the_end_of_an_uninterrupted_write():
+    """A signal that arrives while a tracking write runs (`uninterrupted`) is held to the write's end, then stops
+    the command as any other: no SQLite transaction is cut in two (it would lock the store against the write that
+    marks the run KILLED)."""
+    finished = False
+    with stop_on_signals(), pytest.raises(Terminated) as stopped, uninterrupted():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now, and held the signal
+        finished = True
+    assert finished and stopped.value.signum == signal.SIGTERM
