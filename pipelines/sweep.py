@@ -101,6 +101,7 @@ class SweepSettings:
     explain: dict[str, Any] = field(default_factory=lambda: default_section("explain"))
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    reuse_actors: bool = True
     storage: str = field(default_factory=optuna_storage)
     results_dir: str = field(default_factory=lambda: str(project_path(RAY_RESULTS)))
     out: str = field(default_factory=lambda: str(project_path(REPORTS, "tune")))
@@ -552,7 +553,7 @@ def _tuner(settings: SweepSettings, kind: str, setup: TrialSetup, resume: bool) 
             scheduler=scheduler,
             num_samples=budget.num_samples,
             max_concurrent_trials=settings.max_concurrent,
-            reuse_actors=True,  # a trial process imports torch, anndata and mlflow once, not per trial
+            reuse_actors=settings.reuse_actors,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),

@@ -145,6 +145,8 @@ def settings_from_params(params: dict[str, Any], **options: Any) -> SweepSetting
         raise ScdgmError(f"tune.startup_trials must be >= 0, got {settings.startup_trials}")
     if settings.cpus_per_trial <= 0 or settings.gpus_per_trial < 0:
         raise ScdgmError("cpus_per_trial must be positive and gpus_per_trial not negative")
+    if not isinstance(settings.reuse_actors, bool):
+        raise ScdgmError(f"tune.reuse_actors must be true or false, got {settings.reuse_actors!r}")
     for kind in models:
         if kind not in settings.spaces:
             raise ScdgmError(f"no search space for {kind}: add tune.spaces.{kind} to params.yaml")

@@ -191,6 +191,7 @@ def test_search_spaces_and_settings_are_checked(tiny_data, tmp_path):
         ({"select": {"mode": "best"}}, "tune.select.mode: expected max or min"),
         ({"select": {"tie_break": "speed"}}, "tune.select.tie_break"),
         ({"startup_trials": -1}, "startup_trials must be >= 0"),
+        ({"reuse_actors": "no"}, "tune.reuse_actors must be true or false, got 'no'"),
     ):
         with pytest.raises(ScdgmError, match=message):
             settings_from_params({**params, "tune": {**params["tune"], **bad}}, models="ldvae")
