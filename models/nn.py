@@ -16,6 +16,9 @@ from torch import nn
 ENTRIES_PER_THREAD = 1 << 19
 """Entries of a step's elementwise operations below which `step_threads` runs them on one thread: a (128 cells x
 2,000 genes) batch has 2**18."""
+MIN_WEIGHTS_PER_SPLIT = 1 << 16
+"""Weights of a `Linear` (in x out) below which `step_threads` leaves its products whole: splitting a smaller one
+costs more in hand-over than the helper threads save (a 2,000-gene input layer of 128 units has 2**18)."""
 MIN_ROWS_PER_PRODUCT = 32
 """Fewest rows of a product's output that one thread of `step_threads` computes."""
 _helpers: ThreadPoolExecutor | None = None
@@ -113,7 +116,7 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state) whose large products use every thread inside `step_threads`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _helpers is None or x.dim() != 2 or self.in_features * self.out_features < ENTRIES_PER_THREAD // 8:
+        if _helpers is None or x.dim() != 2 or self.in_features * self.out_features < MIN_WEIGHTS_PER_SPLIT:
             return super().forward(x)
         return _Linear.apply(x, self.weight, self.bias)
 

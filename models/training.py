@@ -276,48 +276,63 @@ def fit_module(
     Without validation cells, the monitored metric falls back to the training loss of the same name. With
     `replicas` this is one copy of data-parallel training: its batches are its shard of the cells.
     """
-    optimizers = module.configure_optimizers()
-    schedulers = [Plateau(opt, factor=config.lr_factor, patience=config.lr_patience) for opt in optimizers]
-    ctx = StepContext(optimizers, config, config.max_epochs, replicas)
+    ctx = StepContext(module.configure_optimizers(), config, config.max_epochs, replicas)
     history = TrainingHistory()
-    best_value, best_state, waited = math.inf, None, 0
-    monitor = config.monitor if validation_batches is not None else config.monitor.replace("validation_", "train_")
     started = time.perf_counter()
-    bar = tqdm(range(config.max_epochs), desc=config.description, disable=not config.progress, leave=False)
     with step_threads(train_batches.batch_size * train_batches.n_genes, train_batches.device):
-        try:
-            for epoch in bar:
-                ctx.epoch = epoch
-                metrics = _run_epoch(module, train_batches, ctx, training=True)
-                if validation_batches is not None:
-                    metrics.update(_run_epoch(module, validation_batches, ctx, training=False))
-                if monitor not in metrics:
-                    raise ScdgmError(f"monitored metric {monitor!r} not reported; got {sorted(metrics)}")
-                metrics["lr"] = optimizers[0].param_groups[0]["lr"]
-                metrics["epoch"] = epoch
-                history.epochs.append(metrics)
-                value = metrics[monitor]
-                if epoch < config.min_epochs:
-                    pass  # the objective still changes with the schedule: no epoch of the warm-up is a candidate
-                elif value < best_value - config.min_delta:
-                    best_value, waited, history.best_epoch = value, 0, epoch
-                    best_state = copy.deepcopy(module.state_dict())
-                else:
-                    waited += 1
-                if epoch >= config.min_epochs:
-                    for scheduler in schedulers:
-                        scheduler.step(value)
-                bar.set_postfix({monitor: f"{value:.4g}"})
-                for callback in callbacks:
-                    callback(epoch, metrics)
-                if waited >= config.patience:
-                    history.stopped_early = True
-                    break
-        except StopTraining:
-            history.stopped_early = True
-        finally:
-            bar.close()
+        best_state = _train_epochs(module, train_batches, validation_batches, ctx, callbacks, history)
     if best_state is not None:
         module.load_state_dict(best_state)
     history.seconds = time.perf_counter() - started
     return history
+
+
+def _train_epochs(
+    module: TrainableModule,
+    train_batches: CountBatches,
+    validation_batches: CountBatches | None,
+    ctx: StepContext,
+    callbacks: Sequence[EpochCallback],
+    history: TrainingHistory,
+) -> dict[str, torch.Tensor] | None:
+    """The epochs of `fit_module`, recorded in `history`, until the budget, patience or a callback's
+    StopTraining ends them; returns the best epoch's state (None when no epoch after warm-up was one)."""
+    config = ctx.config
+    optimizers = ctx.optimizers
+    schedulers = [Plateau(opt, factor=config.lr_factor, patience=config.lr_patience) for opt in optimizers]
+    best_value, best_state, waited = math.inf, None, 0
+    monitor = config.monitor if validation_batches is not None else config.monitor.replace("validation_", "train_")
+    bar = tqdm(range(config.max_epochs), desc=config.description, disable=not config.progress, leave=False)
+    try:
+        for epoch in bar:
+            ctx.epoch = epoch
+            metrics = _run_epoch(module, train_batches, ctx, training=True)
+            if validation_batches is not None:
+                metrics.update(_run_epoch(module, validation_batches, ctx, training=False))
+            if monitor not in metrics:
+                raise ScdgmError(f"monitored metric {monitor!r} not reported; got {sorted(metrics)}")
+            metrics["lr"] = optimizers[0].param_groups[0]["lr"]
+            metrics["epoch"] = epoch
+            history.epochs.append(metrics)
+            value = metrics[monitor]
+            if epoch < config.min_epochs:
+                pass  # the objective still changes with the schedule: no epoch of the warm-up is a candidate
+            elif value < best_value - config.min_delta:
+                best_value, waited, history.best_epoch = value, 0, epoch
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                waited += 1
+            if epoch >= config.min_epochs:
+                for scheduler in schedulers:
+                    scheduler.step(value)
+            bar.set_postfix({monitor: f"{value:.4g}"})
+            for callback in callbacks:
+                callback(epoch, metrics)
+            if waited >= config.patience:
+                history.stopped_early = True
+                break
+    except StopTraining:
+        history.stopped_early = True
+    finally:
+        bar.close()
+    return best_state

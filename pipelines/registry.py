@@ -33,6 +33,7 @@ from scdgm.formats import RUN_RECORD
 from scdgm.pipelines import tracking
 from scdgm.pipelines.config import load_params
 from scdgm.pipelines.pyfunc import explanation_folder
+from scdgm.stores import database_writes
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -292,7 +293,8 @@ def register(
         if candidate.cells is not None:
             tags[TAG_CELLS] = candidate.cells
         try:
-            version = str(mlflow.register_model(source, name, tags=tags).version)
+            with database_writes(uri):  # MLflow's fluent function: its own client, not `tracking.client`'s
+                version = str(mlflow.register_model(source, name, tags=tags).version)
             mlflow_client.set_registered_model_alias(name, candidate_alias, version)
             if decision.promoted:
                 mlflow_client.set_registered_model_alias(name, alias, version)

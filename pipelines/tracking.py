@@ -13,9 +13,10 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -29,7 +30,7 @@ from scdgm.formats import RUN_RECORD, WEIGHTS_FILE
 from scdgm.pipelines import pyfunc
 from scdgm.pipelines.config import flatten
 from scdgm.project import MLFLOW_ARTIFACTS, project_dir, project_path
-from scdgm.stores import client, tracking_uri
+from scdgm.stores import client, database_writes, tracking_uri
 from scdgm.stores import ensure_reachable as ensure_reachable  # re-exported: the jobs check the store through here
 
 if TYPE_CHECKING:
@@ -164,7 +165,6 @@ def dataset_lineage(path: str | Path, n_obs: int, n_vars: int) -> DataLineage:
     return DataLineage(str(path), _file_md5(path), "computed", n_obs, n_vars)
 
 
-@uninterrupted()
 def log_lineage(mlflow_client: MlflowClient, run_id: str, lineage: DataLineage) -> None:
     """Record the data as run params and as an MLflow dataset input (name, digest, local source path)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -186,7 +186,6 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
-@uninterrupted()
 def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """Log a (nested) configuration as flattened, dotted params, in batches MLflow accepts."""
     from mlflow.entities import Param
@@ -196,7 +195,6 @@ def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any])
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
-@uninterrupted()
 def log_metrics(mlflow_client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
     """Log the finite numeric entries of `metrics` at `step` in one call."""
     import math
@@ -273,7 +271,7 @@ def log_pyfunc_model(
     level = pyfunc_logger.level
     pyfunc_logger.setLevel(logging.ERROR)  # silences the cloudpickle notice: our class is pickled by reference
     try:
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        with database_writes(mlflow.get_tracking_uri()), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             return pyfunc.log_pyfunc(model_dir, name, explanation)
     finally:
         pyfunc_logger.setLevel(level)
@@ -300,7 +298,6 @@ class TrainingRun:
         return record
 
 
-@uninterrupted()
 def start_run(
     mlflow_client: MlflowClient,
     experiment: str,
@@ -337,14 +334,18 @@ def end_status(error: BaseException | None) -> str:
 
 
 @contextmanager
-def ending_run(mlflow_client: MlflowClient, run_id: str) -> Iterator[str]:
-    """Close run `run_id` when the block ends, with `end_status` of how it ended (the error re-raised):
-    never left RUNNING."""
+def ending_run(mlflow_client: MlflowClient, open_run: Callable[[], str]) -> Iterator[str]:
+    """Open a run with `open_run` and close it when the block ends, with `end_status` of how it ended (the error
+    re-raised): never left RUNNING, also when a stop signal comes while the run opens (held until it is open)."""
+    run_id = None
     try:
+        with uninterrupted():
+            run_id = open_run()
         yield run_id
     except BaseException as error:
-        with uninterrupted():
-            mlflow_client.set_terminated(run_id, end_status(error))
+        if run_id is not None:
+            with uninterrupted():
+                mlflow_client.set_terminated(run_id, end_status(error))
         raise
     with uninterrupted():
         mlflow_client.set_terminated(run_id, "FINISHED")
@@ -367,15 +368,14 @@ def training_run(
     uri = uri or tracking_uri()
     mlflow_client = client(uri)
     all_tags = {TAG_KIND: kind, TAG_ROLE: "train", **lineage_tags(), **(tags or {})}
-    run_id = start_run(mlflow_client, experiment, run_name, all_tags, parent_run_id)
-    with ending_run(mlflow_client, run_id):
+    opening = partial(start_run, mlflow_client, experiment, run_name, all_tags, parent_run_id)
+    with ending_run(mlflow_client, opening) as run_id:
         log_params(mlflow_client, run_id, {"model": kind, **config})
         if lineage is not None:
             log_lineage(mlflow_client, run_id, lineage)
         yield TrainingRun(mlflow_client, run_id, uri)
 
 
-@uninterrupted()
 def close_open_runs(mlflow_client: MlflowClient, run_ids: list[str], status: str) -> None:
     """Set every run of `run_ids` still RUNNING (or SCHEDULED) to `status`; closed runs are left alone."""
     for run_id in run_ids:
@@ -398,12 +398,14 @@ def linked_run(record: RunRecord, role: str, tags: dict[str, str] | None = None)
     mlflow_client = client(record.tracking_uri)
     all_tags = {TAG_ROLE: role, TAG_MODEL_RUN: record.run_id, MLFLOW_PARENT_RUN_ID: record.run_id,
                 **lineage_tags(), **(tags or {})}
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    with uninterrupted():
-        if run_id:
-            for key, value in all_tags.items():
-                mlflow_client.set_tag(run_id, key, value)
-        else:
-            run_id = mlflow_client.create_run(record.experiment_id, tags=all_tags, run_name=role).info.run_id
-    with ending_run(mlflow_client, run_id):
+
+    def open_run() -> str:
+        adopted = os.environ.get("MLFLOW_RUN_ID")
+        if not adopted:
+            return mlflow_client.create_run(record.experiment_id, tags=all_tags, run_name=role).info.run_id
+        for key, value in all_tags.items():
+            mlflow_client.set_tag(adopted, key, value)
+        return adopted
+
+    with ending_run(mlflow_client, open_run) as run_id:
         yield mlflow_client, run_id

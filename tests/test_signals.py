@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -22,7 +23,9 @@ import pytest
 from tracking_helpers import isolated_tracking, tiny_params, write_tiny_prepared
 
 from scdgm.errors import Terminated, uninterrupted
+from scdgm.pipelines import tracking
 from scdgm.pipelines.cli import main, stop_on_signals
+from scdgm.stores import is_database
 
 SCDGM = str(Path(sys.executable).with_name("scdgm"))
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -189,3 +192,60 @@ def test_a_stop_signal_waits_for_the_end_of_an_uninterrupted_write():
         time.sleep(0.05)  # the handler has run by now, and held the signal
         finished = True
     assert finished and stopped.value.signum == signal.SIGTERM
+
+
+def test_a_signal_during_a_database_write_waits_for_its_commit(tmp_path, monkeypatch):
+    """A SIGTERM that comes while a tracking client's write waits on a locked SQLite store is held: the write
+    commits, then the command stops, and the store takes the next write (a write cut in two would keep it locked)."""
+    uri = isolated_tracking(monkeypatch, tmp_path)
+    mlflow_client = tracking.client(uri)
+    run_id = tracking.start_run(mlflow_client, "signals", "held", {})
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")  # the client's next write waits for this transaction
+
+    def signal_then_unlock() -> None:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, which is inside the write
+        time.sleep(0.3)
+        lock.execute("COMMIT")
+
+    helper = threading.Thread(target=signal_then_unlock)
+    helper.start()
+    try:
+        with stop_on_signals(), pytest.raises(Terminated):
+            mlflow_client.set_tag(run_id, "written", "whole")
+            time.sleep(1)  # a signal not raised by the end of the write is raised here at the latest
+            pytest.fail("SIGTERM did not stop the block")
+    finally:
+        helper.join()
+        lock.close()
+    mlflow_client.set_terminated(run_id, "KILLED")  # the store is not locked
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.tags["written"] == "whole" and run.info.status == "KILLED"
+
+
+def test_a_signal_while_a_run_opens_ends_it_killed(tmp_path, monkeypatch):
+    """A stop signal between creating a run and entering the block that closes it: the run is still closed."""
+    uri = isolated_tracking(monkeypatch, tmp_path)
+    mlflow_client = tracking.client(uri)
+    opened = []
+
+    def open_run() -> str:
+        opened.append(tracking.start_run(mlflow_client, "signals", "opening", {}))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now, and held the signal
+        return opened[0]
+
+    with stop_on_signals(), pytest.raises(Terminated), tracking.ending_run(mlflow_client, open_run):
+        pytest.fail("the block ran after the signal")
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(opened[0]).info.status == "KILLED"
+
+
+@pytest.mark.parametrize(
+    ("uri", "database"),
+    [("sqlite:////tmp/mlflow.db", True), ("postgresql+psycopg2://root@127.0.0.1:5432/test", True),
+     ("mysql://u@h/db", True), ("http://127.0.0.1:5000", False), ("https://mlflow.example.org", False),
+     ("/tmp/mlruns", False), ("file:///tmp/mlruns", False)],
+)
+def test_only_database_stores_hold_signals(uri, database):
+    assert is_database(uri) is database
